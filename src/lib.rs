@@ -1,0 +1,18 @@
+//! flashcopy-csi: IBM Spectrum Virtualize FlashCopy semantics for any Linux node.
+//!
+//! Layering (imports only point left):
+//!
+//! ```text
+//! engine  <-  store  <-  meta, volume
+//! (pure)      (bytes)    (journal, copy-on-write execution)
+//! ```
+//!
+//! - [`engine`]: the FlashCopy state machine and copy-on-write planner; pure (no I/O, no clocks).
+//! - [`store`]: block-store backends (memory, sparse file, raw block device, fault injection).
+//! - [`meta`]: the crash-safe metadata journal and checkpoints.
+//! - [`volume`]: executes engine plans against stores with per-grain locking and group commit.
+
+pub mod engine;
+pub mod meta;
+pub mod store;
+pub mod volume;
