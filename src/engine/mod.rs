@@ -1,1 +1,487 @@
-//! TODO
+//! The FlashCopy engine: volumes, mappings, consistency groups, the state machine of FLASHCOPY.md
+//! §2 and the copy-on-write planner of §3. Pure: no I/O, no clocks, no threads; time comes in with
+//! the commands.
+//!
+//! Every change goes through [`Engine::apply`] with an [`Op`]. Ops are serialisable and the engine
+//! is deterministic, so the metadata journal simply records the ops that were applied and replays
+//! them after a crash. A rejected op returns an [`EngineError`] and changes nothing.
+//!
+//! # The cascade model
+//!
+//! Each *active* mapping (copying, stopping, suspended) has a link to the volume its target reads
+//! through for grains that are not split: its `up`. For a lone snapshot `up` is the source; when a
+//! newer mapping of the same source starts, the older ones are re-linked below the newer target, so
+//! a source write copies a grain once, to the newest target, and older targets read through newer
+//! ones (§3.3). A target that is itself used as a source gets its own mappings inserted directly
+//! below it, which is the same rule.
+//!
+//! Links carry a sequence number. A read walks up from a volume while its grain is not split, but
+//! only through links older than the one it arrived by. This keeps a volume's older readers on its
+//! physical data when the volume later becomes a target itself (a restore), and makes every walk
+//! finite even though restores create cycles.
+//!
+//! Before anything changes what a dependant reads at a grain (a host write, a fill, a background or
+//! cleaning copy), the planner first copies the dependant's current view into it and marks it
+//! split (§3.6 step 1). The plans list copies in the order they must run and the split/difference
+//! marks in the order they must become durable.
+
+mod bitmap;
+mod error;
+mod plan;
+mod state;
+mod types;
+
+pub use bitmap::Bitmap;
+pub use error::EngineError;
+pub use plan::{GrainCopy, GrainPlan, IoShape};
+pub use types::*;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A volume as the engine sees it: an id, a name and a size. Its bytes live in a store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    /// Id.
+    pub id: VolId,
+    /// Unique name.
+    pub name: String,
+    /// Size in bytes, a multiple of 512.
+    pub size: u64,
+    /// Every mapping that uses this volume as source or target, in id order.
+    maps: Vec<MapId>,
+    /// The active mapping whose target this volume is.
+    up: Option<MapId>,
+    /// Active mappings whose link points at this volume.
+    downs: Vec<MapId>,
+}
+
+/// Where an active mapping's target reads unsplit grains from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Link {
+    up: VolId,
+    seq: u64,
+}
+
+/// A FlashCopy mapping (FLASHCOPY.md §1).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mapping {
+    /// Id.
+    pub id: MapId,
+    /// Unique name.
+    pub name: String,
+    /// Source volume.
+    pub source: VolId,
+    /// Target volume.
+    pub target: VolId,
+    /// Grain size (fixed).
+    pub grain: GrainSize,
+    /// Background copy rate 0–150.
+    pub copy_rate: u8,
+    /// Cleaning rate 0–150.
+    pub clean_rate: u8,
+    /// Incremental (fixed).
+    pub incremental: bool,
+    /// Delete when the copy completes.
+    pub autodelete: bool,
+    /// Consistency group.
+    pub group: Option<GroupId>,
+    /// State.
+    pub state: MapState,
+    /// Started with restore semantics (the target fed other active mappings).
+    pub restoring: bool,
+    /// Time of the last start (as passed in by the caller).
+    pub start_time: Option<u64>,
+    /// The target holds a complete copy (the last run completed).
+    pub complete: bool,
+    /// Metadata of this mapping is offline (idle/stopped incremental maps: volumes offline).
+    pub bitmap_offline: bool,
+    split: Bitmap,
+    diff: Option<Bitmap>,
+    /// Difference recording is on (off after too many incremental maps shared the target).
+    recording: bool,
+    /// Incremental: the target holds the image of the last completed run, plus the grains
+    /// marked in `diff`, so a restart need copy only those.
+    baseline: bool,
+    link: Option<Link>,
+    suspended_from: Option<MapState>,
+}
+
+impl Mapping {
+    /// Number of grains.
+    pub fn grains(&self) -> u64 {
+        self.split.len()
+    }
+    /// Whether grain `g` is split (the target holds its own data).
+    pub fn is_split(&self, g: u64) -> bool {
+        self.split.get(g)
+    }
+    /// Split grains.
+    pub fn split_count(&self) -> u64 {
+        self.split.count_ones()
+    }
+    /// Background-copy progress in percent, floored so 100 means every grain is split (§5.2).
+    pub fn progress(&self) -> u8 {
+        if self.complete && !self.state.is_active() {
+            return 100;
+        }
+        match self.grains() {
+            0 => 100,
+            n => (self.split_count() * 100 / n) as u8,
+        }
+    }
+    /// Grains marked changed since the last start (incremental mappings).
+    pub fn diff_count(&self) -> Option<u64> {
+        self.diff.as_ref().map(Bitmap::count_ones)
+    }
+    /// Whether grain `g` is marked changed (incremental mappings).
+    pub fn is_diff(&self, g: u64) -> bool {
+        self.diff.as_ref().is_some_and(|d| d.get(g))
+    }
+    /// The volume this mapping's target reads through while active.
+    pub fn upstream(&self) -> Option<VolId> {
+        self.link.map(|l| l.up)
+    }
+    /// Bitmap bytes this mapping is charged.
+    pub fn bitmap_bytes(&self, size: u64) -> u64 {
+        bitmap_bytes(size, self.grain, self.incremental)
+    }
+}
+
+/// A consistency group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    /// Id.
+    pub id: GroupId,
+    /// Unique name.
+    pub name: String,
+    /// Delete the group when its last mapping leaves.
+    pub autodelete: bool,
+    /// Member mappings.
+    pub members: Vec<MapId>,
+}
+
+/// A command or data-path fact. The journal records exactly the ops the engine accepted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Create a volume (id from [`Engine::next_volume_id`]).
+    CreateVolume {
+        /// New id.
+        id: VolId,
+        /// Name.
+        name: String,
+        /// Size in bytes.
+        size: u64,
+    },
+    /// Delete a volume that no mapping uses.
+    DeleteVolume {
+        /// Volume.
+        id: VolId,
+    },
+    /// Resize a volume that no mapping uses.
+    ResizeVolume {
+        /// Volume.
+        id: VolId,
+        /// New size in bytes.
+        size: u64,
+    },
+    /// `mkfcmap`.
+    CreateMapping {
+        /// New id (from [`Engine::next_mapping_id`]).
+        id: MapId,
+        /// Attributes.
+        spec: MappingSpec,
+    },
+    /// `prestartfcmap [-restore]`: → preparing; the data path flushes, then sends `FlushDone`.
+    Prepare {
+        /// Mapping.
+        map: MapId,
+        /// Allow a target that feeds active mappings.
+        restore: bool,
+    },
+    /// The source was flushed: preparing → prepared.
+    FlushDone {
+        /// Mapping.
+        map: MapId,
+    },
+    /// The flush failed: preparing → stopped.
+    FlushFailed {
+        /// Mapping.
+        map: MapId,
+    },
+    /// `startfcmap`: prepared → copying; the point in time is `now`.
+    Start {
+        /// Mapping.
+        map: MapId,
+        /// Start time (caller's clock).
+        now: u64,
+    },
+    /// `stopfcmap [-force] [-split]`.
+    Stop {
+        /// Mapping.
+        map: MapId,
+        /// Skip cleaning; also stops dependants.
+        force: bool,
+        /// Only at 100% progress.
+        split: bool,
+    },
+    /// `rmfcmap [-force]`.
+    DeleteMapping {
+        /// Mapping.
+        map: MapId,
+        /// Needed for a stopped mapping.
+        force: bool,
+    },
+    /// `chfcmap`.
+    Modify {
+        /// Mapping.
+        map: MapId,
+        /// What changes.
+        change: MappingChange,
+    },
+    /// An I/O error while copying or stopping: → stopped (the whole group).
+    IoError {
+        /// Mapping.
+        map: MapId,
+    },
+    /// Metadata access lost.
+    BitmapOffline {
+        /// Mapping.
+        map: MapId,
+    },
+    /// Metadata access regained.
+    BitmapOnline {
+        /// Mapping.
+        map: MapId,
+    },
+    /// Every grain split and no dependant: copying → idle_or_copied (or deleted with autodelete).
+    CopyComplete {
+        /// Mapping.
+        map: MapId,
+    },
+    /// Nothing left to clean: stopping → stopped (or idle_or_copied when the target is complete).
+    CleanComplete {
+        /// Mapping.
+        map: MapId,
+    },
+    /// `mkfcconsistgrp`.
+    CreateGroup {
+        /// New id (from [`Engine::next_group_id`]).
+        id: GroupId,
+        /// Name; `fccstgrp<id>` when absent.
+        name: Option<String>,
+        /// Delete when the last mapping leaves.
+        autodelete: bool,
+    },
+    /// `prestartfcconsistgrp [-restore]`.
+    PrepareGroup {
+        /// Group.
+        group: GroupId,
+        /// Allow targets that feed active mappings.
+        restore: bool,
+    },
+    /// Every member's source was flushed.
+    GroupFlushDone {
+        /// Group.
+        group: GroupId,
+    },
+    /// A member's flush failed: every member → stopped.
+    GroupFlushFailed {
+        /// Group.
+        group: GroupId,
+    },
+    /// `startfcconsistgrp`: every member switches at one instant.
+    StartGroup {
+        /// Group.
+        group: GroupId,
+        /// Start time.
+        now: u64,
+    },
+    /// `stopfcconsistgrp [-force | -split]`.
+    StopGroup {
+        /// Group.
+        group: GroupId,
+        /// Skip cleaning.
+        force: bool,
+        /// Only when every member is at 100%.
+        split: bool,
+    },
+    /// `rmfcconsistgrp [-force]`: with force, members become stand-alone.
+    DeleteGroup {
+        /// Group.
+        group: GroupId,
+        /// Needed when the group has members.
+        force: bool,
+    },
+    /// Data path: grain `grain` of the mapping's target now holds its own data (durably).
+    MarkSplit {
+        /// Mapping.
+        map: MapId,
+        /// Grain.
+        grain: u64,
+    },
+    /// Data path: grain `grain` changed on the source or target of an incremental mapping.
+    MarkDiff {
+        /// Mapping.
+        map: MapId,
+        /// Grain.
+        grain: u64,
+    },
+}
+
+/// What an accepted op did, for event streams and logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A mapping changed state.
+    MapState {
+        /// Mapping.
+        map: MapId,
+        /// Old state.
+        from: MapState,
+        /// New state.
+        to: MapState,
+    },
+    /// A mapping was deleted (by command or autodelete).
+    MapDeleted {
+        /// Mapping.
+        map: MapId,
+    },
+    /// A group was deleted (by command or autodelete).
+    GroupDeleted {
+        /// Group.
+        group: GroupId,
+    },
+}
+
+/// The FlashCopy engine of one agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Engine {
+    limits: Limits,
+    volumes: BTreeMap<VolId, Volume>,
+    mappings: BTreeMap<MapId, Mapping>,
+    groups: BTreeMap<GroupId, Group>,
+    next_vol: u64,
+    next_map: u64,
+    next_group: u64,
+    next_seq: u64,
+    bitmap_used: u64,
+}
+
+impl Engine {
+    /// An empty engine with the given limits.
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            next_vol: 1,
+            next_map: 1,
+            next_group: 1,
+            next_seq: 1,
+            ..Default::default()
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+    /// Replaces the limits (configuration change on restart); existing objects are kept.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+    /// Id the next `CreateVolume` must use.
+    pub fn next_volume_id(&self) -> VolId {
+        VolId(self.next_vol)
+    }
+    /// Id the next `CreateMapping` must use.
+    pub fn next_mapping_id(&self) -> MapId {
+        MapId(self.next_map)
+    }
+    /// Id the next `CreateGroup` must use.
+    pub fn next_group_id(&self) -> GroupId {
+        GroupId(self.next_group)
+    }
+    /// A volume.
+    pub fn volume(&self, id: VolId) -> Option<&Volume> {
+        self.volumes.get(&id)
+    }
+    /// A volume by name.
+    pub fn volume_by_name(&self, name: &str) -> Option<&Volume> {
+        self.volumes.values().find(|v| v.name == name)
+    }
+    /// All volumes in id order.
+    pub fn volumes(&self) -> impl Iterator<Item = &Volume> {
+        self.volumes.values()
+    }
+    /// A mapping.
+    pub fn mapping(&self, id: MapId) -> Option<&Mapping> {
+        self.mappings.get(&id)
+    }
+    /// A mapping by name.
+    pub fn mapping_by_name(&self, name: &str) -> Option<&Mapping> {
+        self.mappings.values().find(|m| m.name == name)
+    }
+    /// All mappings in id order.
+    pub fn mappings(&self) -> impl Iterator<Item = &Mapping> {
+        self.mappings.values()
+    }
+    /// Mappings that use `vol` as source or target.
+    pub fn mappings_of(&self, vol: VolId) -> impl Iterator<Item = &Mapping> {
+        self.volumes
+            .get(&vol)
+            .into_iter()
+            .flat_map(|v| v.maps.iter())
+            .map(|id| &self.mappings[id])
+    }
+    /// A group.
+    pub fn group(&self, id: GroupId) -> Option<&Group> {
+        self.groups.get(&id)
+    }
+    /// A group by name.
+    pub fn group_by_name(&self, name: &str) -> Option<&Group> {
+        self.groups.values().find(|g| g.name == name)
+    }
+    /// All groups in id order.
+    pub fn groups(&self) -> impl Iterator<Item = &Group> {
+        self.groups.values()
+    }
+    /// Bitmap bytes charged to all mappings.
+    pub fn bitmap_used(&self) -> u64 {
+        self.bitmap_used
+    }
+    /// Mappings whose target reads through this mapping's target (`lsfcmapdependentmaps`).
+    pub fn dependent_mappings(&self, map: MapId) -> Vec<MapId> {
+        match self.mappings.get(&map) {
+            Some(m) if m.link.is_some() => self.volumes[&m.target].downs.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The group's state: `Empty`, or its members' common state. Mixed members report the most
+    /// significant state (a copying member keeps the group copying until all complete).
+    pub fn group_state(&self, id: GroupId) -> Option<GroupState> {
+        let g = self.groups.get(&id)?;
+        const ORDER: [MapState; 7] = [
+            MapState::Suspended,
+            MapState::Stopping,
+            MapState::Copying,
+            MapState::Prepared,
+            MapState::Preparing,
+            MapState::Stopped,
+            MapState::IdleOrCopied,
+        ];
+        let states: Vec<MapState> = g.members.iter().map(|m| self.mappings[m].state).collect();
+        Some(
+            ORDER
+                .iter()
+                .find(|s| states.contains(s))
+                .map_or(GroupState::Empty, |s| GroupState::Map(*s)),
+        )
+    }
+
+    /// Applies an op. On error nothing changed.
+    pub fn apply(&mut self, op: &Op) -> Result<Vec<Event>, EngineError> {
+        let mut ev = Vec::new();
+        self.apply_inner(op, &mut ev)?;
+        Ok(ev)
+    }
+}

@@ -17,7 +17,9 @@ impl MemStore {
 
     /// A store holding exactly `data`.
     pub fn from_vec(data: Vec<u8>) -> Self {
-        Self { data: RwLock::new(data) }
+        Self {
+            data: RwLock::new(data),
+        }
     }
 
     /// A copy of the whole content.

@@ -9,7 +9,12 @@ pub mod fault;
 pub mod file;
 pub mod mem;
 
+#[cfg(test)]
+pub(crate) mod conformance;
 
+pub use blockdev::BlockDevStore;
+pub use fault::{CrashPoint, FaultStore};
+pub use file::FileStore;
 pub use mem::MemStore;
 
 /// Errors from a block store.
@@ -24,6 +29,16 @@ pub enum StoreError {
         len: u64,
         /// Size of the store.
         size: u64,
+    },
+    /// The request is not aligned as the backend requires (raw block device opened with O_DIRECT).
+    #[error("range {offset}+{len} is not aligned to {align} bytes")]
+    Unaligned {
+        /// First byte of the request.
+        offset: u64,
+        /// Length of the request.
+        len: u64,
+        /// Required alignment of both offset and length.
+        align: u64,
     },
     /// The backend cannot do this (for example resizing a raw block device).
     #[error("{0} is not supported by this store")]
@@ -66,4 +81,24 @@ pub fn check_range(offset: u64, len: u64, size: u64) -> Result<(), StoreError> {
         Some(end) if end <= size => Ok(()),
         _ => Err(StoreError::OutOfRange { offset, len, size }),
     }
+}
+
+/// Writes zeros over `offset..offset+len` through `write`, in chunks of at most 1 MiB.
+///
+/// The fallback for `discard` when a backend cannot drop data natively. The chunk size is a
+/// multiple of 4096, so chunk boundaries stay aligned whenever `offset` is.
+pub(crate) fn write_zeros(
+    offset: u64,
+    len: u64,
+    mut write: impl FnMut(&[u8], u64) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; len.min(CHUNK) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(CHUNK);
+        write(&zeros[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
 }

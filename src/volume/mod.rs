@@ -1,1 +1,530 @@
-//! TODO
+//! The volume layer: reads and writes volumes by byte range with full FlashCopy semantics by
+//! executing engine plans against block stores, and persists every engine change.
+//!
+//! Concurrency:
+//! - the *gate* (a read-write lock) is held shared by every I/O and exclusively by every
+//!   control op, so a control op (a start above all) pauses new I/O and drains in-flight I/O
+//!   before it switches, then resumes (FLASHCOPY.md §4.2);
+//! - *grain locks*, one per (connected set, grain), serialise a grain copy with the write that
+//!   caused it and with reads that are redirected through the cascade (§3.11); I/O on different
+//!   grains runs in parallel;
+//! - the *committer* batches the durability steps of concurrent copy-on-writes (group commit).
+//!
+//! Durability order for a copy-on-write: the grain copy is durable on the target, then its split
+//! bit is durable in the journal, and only then is the triggering write issued.
+
+mod backend;
+mod commit;
+mod copier;
+
+pub use backend::{Backend, DirBackend, FaultBackend, MemBackend};
+pub use copier::{RateLimiter, Step};
+
+use crate::engine::{
+    Engine, EngineError, Event, GroupId, Limits, MapId, MapState, MappingChange, MappingSpec, Op, VolId,
+};
+use crate::meta::{Journal, MetaError, MetaFiles};
+use crate::store::{BlockStore, StoreError};
+use commit::{Batch, Committer};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Errors of the volume layer.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The engine rejected the command or I/O; nothing changed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// A block store failed.
+    #[error("block store: {0}")]
+    Store(#[from] StoreError),
+    /// The metadata journal failed or is corrupt.
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    /// A journal record or checkpoint does not decode.
+    #[error("metadata record does not decode: {0}; refusing to start")]
+    Decode(String),
+    /// A volume known to the metadata has no store.
+    #[error("volume {vol} has no backing store: {source}")]
+    MissingStore {
+        /// The volume.
+        vol: VolId,
+        /// Why opening it failed.
+        source: StoreError,
+    },
+    /// An earlier metadata write failed; the pool must be reopened.
+    #[error("pool refuses changes after a failed metadata write ({0}); restart to recover")]
+    Poisoned(String),
+    /// `start --prep` of a mapping that was already prepared explicitly (FLASHCOPY.md §2.3 P2).
+    #[error("mapping {0} is already prepared: start it without --prep")]
+    AlreadyPrepared(MapId),
+}
+
+/// Pool settings.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// Engine limits.
+    pub limits: Limits,
+    /// Checkpoint the metadata when the journal grows past this many bytes.
+    pub checkpoint_after: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self { limits: Limits::default(), checkpoint_after: 64 << 20 }
+    }
+}
+
+/// Counters of the data path.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Grains copied to preserve a point in time before a write.
+    pub cow_grains: AtomicU64,
+    /// Grains copied by background copy.
+    pub background_grains: AtomicU64,
+    /// Grains copied by cleaning.
+    pub clean_grains: AtomicU64,
+}
+
+/// What a start did.
+#[derive(Clone, Debug)]
+pub struct StartReport {
+    /// How long host I/O to the pool was held (pause + drain + switch).
+    pub pause: Duration,
+    /// State changes.
+    pub events: Vec<Event>,
+}
+
+const LOCK_SHARDS: usize = 1024;
+
+/// Volumes with FlashCopy semantics on top of block stores, with crash-safe metadata.
+pub struct Pool {
+    engine: RwLock<Engine>,
+    gate: RwLock<()>,
+    control: Mutex<()>,
+    stores: RwLock<BTreeMap<VolId, Arc<dyn BlockStore>>>,
+    grain_locks: Vec<RwLock<()>>,
+    committer: Committer,
+    backend: Arc<dyn Backend>,
+    /// Data-path counters.
+    pub stats: Stats,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("backend", &self.backend).finish_non_exhaustive()
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Pool {
+    /// Opens (or creates) a pool under `dir`: metadata in `dir/meta`, volumes in `dir/volumes`.
+    pub fn open_dir(dir: &Path, cfg: PoolConfig) -> Result<Self, VolumeError> {
+        let files = MetaFiles::open_dir(&dir.join("meta"))?;
+        let backend = Arc::new(DirBackend::new(dir.join("volumes"))?);
+        Self::open(files, backend, cfg)
+    }
+
+    /// Opens a pool: recovers the engine from the newest checkpoint plus the journal, opens every
+    /// volume's store, removes stores left by interrupted creates, and finishes interrupted
+    /// prepares.
+    pub fn open(files: MetaFiles, backend: Arc<dyn Backend>, cfg: PoolConfig) -> Result<Self, VolumeError> {
+        let (journal, rec) = Journal::open(files)?;
+        let mut engine = match &rec.checkpoint {
+            Some(bytes) => bincode::deserialize(bytes)
+                .map_err(|e| VolumeError::Decode(format!("checkpoint generation {}: {e}", rec.generation)))?,
+            None => Engine::new(cfg.limits.clone()),
+        };
+        for (i, r) in rec.records.iter().enumerate() {
+            let op: Op = bincode::deserialize(r).map_err(|e| VolumeError::Decode(format!("journal record {i}: {e}")))?;
+            if let Err(e) = engine.apply(&op) {
+                tracing::warn!(?op, error = %e, "journal op rejected on replay");
+            }
+        }
+        engine.set_limits(cfg.limits.clone());
+        let mut stores = BTreeMap::new();
+        for v in engine.volumes() {
+            let s = backend.open(v.id).map_err(|source| VolumeError::MissingStore { vol: v.id, source })?;
+            stores.insert(v.id, s);
+        }
+        for orphan in backend.list()? {
+            if !stores.contains_key(&orphan) {
+                tracing::info!(vol = %orphan, "removing the store of an interrupted volume create");
+                backend.remove(orphan)?;
+            }
+        }
+        let replayed = rec.records.len();
+        let pool = Pool {
+            engine: RwLock::new(engine),
+            gate: RwLock::new(()),
+            control: Mutex::new(()),
+            stores: RwLock::new(stores),
+            grain_locks: (0..LOCK_SHARDS).map(|_| RwLock::new(())).collect(),
+            committer: Committer::new(journal, cfg.checkpoint_after),
+            backend,
+            stats: Stats::default(),
+        };
+        if replayed > 0 {
+            pool.committer.checkpoint(&pool.engine)?;
+        }
+        pool.finish_interrupted_prepares()?;
+        Ok(pool)
+    }
+
+    fn finish_interrupted_prepares(&self) -> Result<(), VolumeError> {
+        let (maps, groups): (Vec<MapId>, Vec<GroupId>) = {
+            let e = self.engine.read();
+            let preparing = |m: &&crate::engine::Mapping| m.state == MapState::Preparing;
+            let maps = e.mappings().filter(preparing).filter(|m| m.group.is_none()).map(|m| m.id).collect();
+            let mut groups: Vec<GroupId> = e.mappings().filter(preparing).filter_map(|m| m.group).collect();
+            groups.dedup();
+            (maps, groups)
+        };
+        for m in maps {
+            self.flush_sources(&[m], Op::FlushDone { map: m }, Op::FlushFailed { map: m })?;
+        }
+        for g in groups {
+            let members = self.engine.read().group(g).map(|g| g.members.clone()).unwrap_or_default();
+            self.flush_sources(&members, Op::GroupFlushDone { group: g }, Op::GroupFlushFailed { group: g })?;
+        }
+        Ok(())
+    }
+
+    /// Read access to the engine (listings, progress). Do not hold it across I/O.
+    pub fn engine(&self) -> RwLockReadGuard<'_, Engine> {
+        self.engine.read()
+    }
+
+    /// Journal commit rounds so far (each is one journal sync).
+    pub fn commit_rounds(&self) -> u64 {
+        self.committer.rounds.load(Ordering::Relaxed)
+    }
+
+    fn store(&self, vol: VolId) -> Arc<dyn BlockStore> {
+        self.stores.read()[&vol].clone()
+    }
+
+    /// Applies a control op: I/O is paused and drained while it switches; durable on return.
+    fn control(&self, ops: &[Op]) -> Result<Vec<Event>, VolumeError> {
+        let _c = self.control.lock();
+        self.control_locked(ops).map(|(ev, _)| ev)
+    }
+
+    /// As [`Pool::control`] with the control lock held; also returns how long I/O was held.
+    fn control_locked(&self, ops: &[Op]) -> Result<(Vec<Event>, Duration), VolumeError> {
+        let t0 = Instant::now();
+        let _gate = self.gate.write();
+        let mut events = Vec::new();
+        let mut applied = Vec::new();
+        {
+            let mut e = self.engine.write();
+            for op in ops {
+                match e.apply(op) {
+                    Ok(ev) => {
+                        events.extend(ev);
+                        applied.push(op.clone());
+                    }
+                    // Ops in one call come as a unit: the first is the command, later ones are
+                    // its follow-ups, so a failure of the first leaves everything as it was.
+                    Err(err) if applied.is_empty() => return Err(err.into()),
+                    Err(err) => {
+                        tracing::warn!(?op, error = %err, "follow-up op rejected");
+                        break;
+                    }
+                }
+            }
+        }
+        self.committer.commit(&self.engine, Batch { ops: applied, stores: Vec::new(), apply: false })?;
+        Ok((events, t0.elapsed()))
+    }
+
+    /// Creates a volume of `size` bytes.
+    pub fn create_volume(&self, name: &str, size: u64) -> Result<VolId, VolumeError> {
+        let _c = self.control.lock();
+        let id = self.engine.read().next_volume_id();
+        // Validate before touching the backend; the store exists before the op is durable, so a
+        // crash in between leaves only an orphan store, removed on open.
+        self.engine.read().check_volume_op(&Op::CreateVolume { id, name: name.into(), size })?;
+        let store = self.backend.create(id, size)?;
+        self.stores.write().insert(id, store);
+        match self.control_locked(&[Op::CreateVolume { id, name: name.into(), size }]) {
+            Ok(_) => Ok(id),
+            Err(e) => {
+                self.stores.write().remove(&id);
+                let _ = self.backend.remove(id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Deletes a volume that no mapping uses.
+    pub fn delete_volume(&self, vol: VolId) -> Result<(), VolumeError> {
+        let _c = self.control.lock();
+        self.control_locked(&[Op::DeleteVolume { id: vol }])?;
+        self.stores.write().remove(&vol);
+        self.backend.remove(vol)?;
+        Ok(())
+    }
+
+    /// Resizes a volume that no mapping uses.
+    pub fn resize_volume(&self, vol: VolId, size: u64) -> Result<(), VolumeError> {
+        let _c = self.control.lock();
+        let old = self.engine.read().volume(vol).map(|v| v.size).ok_or(EngineError::NoSuchVolume(vol))?;
+        self.engine.read().check_volume_op(&Op::ResizeVolume { id: vol, size })?;
+        let store = self.store(vol);
+        store.resize(size)?;
+        store.flush()?;
+        if let Err(e) = self.control_locked(&[Op::ResizeVolume { id: vol, size }]) {
+            let _ = store.resize(old);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// `mkfcmap`.
+    pub fn create_mapping(&self, spec: MappingSpec) -> Result<MapId, VolumeError> {
+        let _c = self.control.lock();
+        let id = self.engine.read().next_mapping_id();
+        self.control_locked(&[Op::CreateMapping { id, spec }])?;
+        Ok(id)
+    }
+
+    /// `chfcmap`.
+    pub fn modify_mapping(&self, map: MapId, change: MappingChange) -> Result<Vec<Event>, VolumeError> {
+        self.control(&[Op::Modify { map, change }])
+    }
+
+    /// `rmfcmap`.
+    pub fn delete_mapping(&self, map: MapId, force: bool) -> Result<Vec<Event>, VolumeError> {
+        self.control(&[Op::DeleteMapping { map, force }])
+    }
+
+    /// `stopfcmap`.
+    pub fn stop_mapping(&self, map: MapId, force: bool, split: bool) -> Result<Vec<Event>, VolumeError> {
+        self.control(&[Op::Stop { map, force, split }])
+    }
+
+    /// `mkfcconsistgrp`.
+    pub fn create_group(&self, name: Option<&str>, autodelete: bool) -> Result<GroupId, VolumeError> {
+        let _c = self.control.lock();
+        let id = self.engine.read().next_group_id();
+        self.control_locked(&[Op::CreateGroup { id, name: name.map(Into::into), autodelete }])?;
+        Ok(id)
+    }
+
+    /// `stopfcconsistgrp`.
+    pub fn stop_group(&self, group: GroupId, force: bool, split: bool) -> Result<Vec<Event>, VolumeError> {
+        self.control(&[Op::StopGroup { group, force, split }])
+    }
+
+    /// `rmfcconsistgrp`.
+    pub fn delete_group(&self, group: GroupId, force: bool) -> Result<Vec<Event>, VolumeError> {
+        self.control(&[Op::DeleteGroup { group, force }])
+    }
+
+    /// Flushes the sources of `maps` (prepare step 1), then applies `done` or `failed`.
+    fn flush_sources(&self, maps: &[MapId], done: Op, failed: Op) -> Result<Vec<Event>, VolumeError> {
+        let sources: Vec<VolId> = {
+            let e = self.engine.read();
+            maps.iter().filter_map(|m| e.mapping(*m)).map(|m| m.source).collect()
+        };
+        let res: Result<(), StoreError> = sources.iter().try_for_each(|v| self.store(*v).flush());
+        match res {
+            Ok(()) => self.control_locked(&[done]).map(|(e, _)| e),
+            Err(err) => {
+                tracing::warn!(error = %err, "flush failed while preparing");
+                self.control_locked(&[failed])?;
+                Err(err.into())
+            }
+        }
+    }
+
+    /// `prestartfcmap [-restore]`: preparing, flush the source, prepared.
+    pub fn prepare_mapping(&self, map: MapId, restore: bool) -> Result<Vec<Event>, VolumeError> {
+        let _c = self.control.lock();
+        let mut ev = self.control_locked(&[Op::Prepare { map, restore }])?.0;
+        ev.extend(self.flush_sources(&[map], Op::FlushDone { map }, Op::FlushFailed { map })?);
+        Ok(ev)
+    }
+
+    /// `prestartfcconsistgrp [-restore]`.
+    pub fn prepare_group(&self, group: GroupId, restore: bool) -> Result<Vec<Event>, VolumeError> {
+        let _c = self.control.lock();
+        self.prepare_group_locked(group, restore)
+    }
+
+    fn prepare_group_locked(&self, group: GroupId, restore: bool) -> Result<Vec<Event>, VolumeError> {
+        let mut ev = self.control_locked(&[Op::PrepareGroup { group, restore }])?.0;
+        let members = self.engine.read().group(group).map(|g| g.members.clone()).unwrap_or_default();
+        ev.extend(self.flush_sources(&members, Op::GroupFlushDone { group }, Op::GroupFlushFailed { group })?);
+        Ok(ev)
+    }
+
+    /// `startfcmap [-prep] [-restore]`.
+    pub fn start_mapping(&self, map: MapId, prep: bool, restore: bool) -> Result<StartReport, VolumeError> {
+        let _c = self.control.lock();
+        let mut events = Vec::new();
+        if prep {
+            let state = self.engine.read().mapping(map).map(|m| m.state).ok_or(EngineError::NoSuchMapping(map))?;
+            if state == MapState::Prepared {
+                return Err(VolumeError::AlreadyPrepared(map));
+            }
+            events.extend(self.control_locked(&[Op::Prepare { map, restore }])?.0);
+            events.extend(self.flush_sources(&[map], Op::FlushDone { map }, Op::FlushFailed { map })?);
+        }
+        let source = self.engine.read().mapping(map).map(|m| m.source).ok_or(EngineError::NoSuchMapping(map))?;
+        self.start_locked(&[source], Op::Start { map, now: now_secs() }, events)
+    }
+
+    /// `startfcconsistgrp [-prep] [-restore]`: every member's point in time is the same instant.
+    pub fn start_group(&self, group: GroupId, prep: bool, restore: bool) -> Result<StartReport, VolumeError> {
+        let _c = self.control.lock();
+        let mut events = Vec::new();
+        if prep {
+            events.extend(self.prepare_group_locked(group, restore)?);
+        }
+        let sources: Vec<VolId> = {
+            let e = self.engine.read();
+            let g = e.group(group).ok_or(EngineError::NoSuchGroup(group))?;
+            g.members.iter().filter_map(|m| e.mapping(*m)).map(|m| m.source).collect()
+        };
+        self.start_locked(&sources, Op::StartGroup { group, now: now_secs() }, events)
+    }
+
+    /// The trigger (FLASHCOPY.md §4.2): pause and drain I/O, make every write completed so far
+    /// durable on the sources, switch, resume.
+    fn start_locked(&self, sources: &[VolId], op: Op, mut events: Vec<Event>) -> Result<StartReport, VolumeError> {
+        let t0 = Instant::now();
+        let gate = self.gate.write();
+        for v in sources {
+            self.store(*v).flush()?;
+        }
+        let ev = self.engine.write().apply(&op)?;
+        self.committer.commit(&self.engine, Batch { ops: vec![op], stores: Vec::new(), apply: false })?;
+        drop(gate);
+        events.extend(ev);
+        Ok(StartReport { pause: t0.elapsed(), events })
+    }
+
+    fn grain_lock(&self, domain: VolId, grain: u64) -> &RwLock<()> {
+        let h = domain.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ grain.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+        &self.grain_locks[(h >> 17) as usize % LOCK_SHARDS]
+    }
+
+    /// Reads `buf.len()` bytes of `vol` at `offset`.
+    pub fn read(&self, vol: VolId, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        let _gate = self.gate.read();
+        let shape = self.engine.read().check_io(vol, offset, buf.len() as u64, false)?;
+        let Some((domain, grain)) = shape.domain else {
+            return Ok(self.store(vol).read_at(buf, offset)?);
+        };
+        let own = self.store(vol);
+        for (g, range) in grain_segments(offset, buf.len() as u64, grain.bytes()) {
+            let piece = &mut buf[(range.start - offset) as usize..(range.end - offset) as usize];
+            if self.engine.read().resolve(vol, g) == vol {
+                // Split (or not a target): the data is ours and stays ours.
+                own.read_at(piece, range.start)?;
+                continue;
+            }
+            let _l = self.grain_lock(domain, g).read();
+            let from = self.engine.read().resolve(vol, g);
+            self.store(from).read_at(piece, range.start)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` to `vol` at `offset`, copying grains first where a point in time needs them.
+    pub fn write(&self, vol: VolId, offset: u64, data: &[u8]) -> Result<(), VolumeError> {
+        let _gate = self.gate.read();
+        let (shape, size) = {
+            let e = self.engine.read();
+            (e.check_io(vol, offset, data.len() as u64, true)?, e.volume(vol).map_or(0, |v| v.size))
+        };
+        let own = self.store(vol);
+        let Some((domain, grain)) = shape.domain else {
+            return Ok(own.write_at(data, offset)?);
+        };
+        let gb = grain.bytes();
+        for (g, range) in grain_segments(offset, data.len() as u64, gb) {
+            let piece = &data[(range.start - offset) as usize..(range.end - offset) as usize];
+            let whole = range.start == g * gb && range.end == ((g + 1) * gb).min(size);
+            if self.engine.read().plan_write(vol, g, whole).is_noop() {
+                own.write_at(piece, range.start)?;
+                continue;
+            }
+            let _l = self.grain_lock(domain, g).write();
+            let plan = self.engine.read().plan_write(vol, g, whole);
+            let mut dirty = self.run_copies(&plan, gb, size)?;
+            self.stats.cow_grains.fetch_add(plan.copies.len() as u64, Ordering::Relaxed);
+            if plan.visible {
+                self.commit_marks(plan.marks, dirty)?;
+                own.write_at(piece, range.start)?;
+            } else {
+                own.write_at(piece, range.start)?;
+                dirty.push(own.clone());
+                self.commit_marks(plan.marks, dirty)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write to `vol` durable.
+    pub fn flush(&self, vol: VolId) -> Result<(), VolumeError> {
+        let _gate = self.gate.read();
+        self.engine.read().volume(vol).ok_or(EngineError::NoSuchVolume(vol))?;
+        Ok(self.store(vol).flush()?)
+    }
+
+    /// Executes a plan's copies in order; returns the stores written.
+    fn run_copies(&self, plan: &crate::engine::GrainPlan, gb: u64, size: u64) -> Result<Vec<Arc<dyn BlockStore>>, VolumeError> {
+        let start = plan.grain * gb;
+        let len = (gb.min(size - start)) as usize;
+        let mut buf = vec![0u8; if plan.copies.is_empty() { 0 } else { len }];
+        let mut dirty = Vec::new();
+        for c in &plan.copies {
+            if c.from == c.to {
+                continue;
+            }
+            self.store(c.from).read_at(&mut buf, start)?;
+            let to = self.store(c.to);
+            to.write_at(&buf, start)?;
+            dirty.push(to);
+        }
+        Ok(dirty)
+    }
+
+    fn commit_marks(&self, marks: Vec<Op>, stores: Vec<Arc<dyn BlockStore>>) -> Result<(), VolumeError> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        self.committer.commit(&self.engine, Batch { ops: marks, stores, apply: true })
+    }
+
+    /// Writes a checkpoint of the metadata now (clean shutdown).
+    pub fn checkpoint(&self) -> Result<(), VolumeError> {
+        let _gate = self.gate.write();
+        self.committer.checkpoint(&self.engine)
+    }
+}
+
+/// Splits `offset..offset+len` at grain boundaries: (grain index, byte range).
+fn grain_segments(offset: u64, len: u64, gb: u64) -> impl Iterator<Item = (u64, std::ops::Range<u64>)> {
+    let end = offset + len;
+    let mut pos = offset;
+    std::iter::from_fn(move || {
+        (pos < end).then(|| {
+            let g = pos / gb;
+            let stop = ((g + 1) * gb).min(end);
+            let r = pos..stop;
+            pos = stop;
+            (g, r)
+        })
+    })
+}

@@ -1,0 +1,337 @@
+//! The data-path side: cascade links, reads, copy-on-write, background copy and cleaning plans
+//! (FLASHCOPY.md §3). Nothing here moves bytes; the volume layer executes the plans.
+
+use super::*;
+use std::collections::BTreeSet;
+
+/// One grain copy: read the grain from `from`'s store, write it to `to`'s store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GrainCopy {
+    /// Volume whose physical data is read.
+    pub from: VolId,
+    /// Volume whose physical data is written.
+    pub to: VolId,
+}
+
+/// What one grain of I/O needs before (or after) the data moves.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GrainPlan {
+    /// Grain index.
+    pub grain: u64,
+    /// Copies, in the order they must run (each reads before anything later overwrites it).
+    pub copies: Vec<GrainCopy>,
+    /// `MarkSplit` / `MarkDiff` ops, in the order they must become durable.
+    pub marks: Vec<Op>,
+    /// For writes: the written grain is visible to readers now, so `marks` must be durable
+    /// before the write is issued. Otherwise the write goes first and `marks` publish it.
+    pub visible: bool,
+}
+
+impl GrainPlan {
+    /// Nothing to copy and nothing to mark: the I/O goes straight to the store.
+    pub fn is_noop(&self) -> bool {
+        self.copies.is_empty() && self.marks.is_empty()
+    }
+}
+
+/// How I/O to a volume must be carried out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoShape {
+    /// `None`: no mapping touches the volume, I/O goes straight to its store. Otherwise the lock
+    /// domain (one per connected set of mappings) and its grain size.
+    pub domain: Option<(VolId, GrainSize)>,
+}
+
+impl Engine {
+    /// Checks that `vol` is online and `offset+len` inside it, and says how to do the I/O.
+    pub fn check_io(&self, vol: VolId, offset: u64, len: u64, write: bool) -> Result<IoShape, EngineError> {
+        let v = self.volumes.get(&vol).ok_or(EngineError::NoSuchVolume(vol))?;
+        if offset.checked_add(len).is_none_or(|end| end > v.size) {
+            return Err(EngineError::OutOfRange { vol, offset, len, size: v.size });
+        }
+        if let Some(reason) = self.offline_reason(vol, write) {
+            return Err(EngineError::VolumeOffline { vol, reason });
+        }
+        let domain = self.volume_domain(vol);
+        Ok(IoShape { domain })
+    }
+
+    /// The lock domain of a volume: the lowest volume id of its connected set, and its grain.
+    fn volume_domain(&self, vol: VolId) -> Option<(VolId, GrainSize)> {
+        let v = &self.volumes[&vol];
+        let first = v.maps.first()?;
+        let grain = self.mappings[first].grain;
+        // Connected sets are small (at most 256 mappings); the lowest id names the set.
+        let mut lowest = vol;
+        let mut seen = BTreeSet::from([vol]);
+        let mut todo = vec![vol];
+        while let Some(x) = todo.pop() {
+            for m in &self.volumes[&x].maps {
+                let m = &self.mappings[m];
+                for w in [m.source, m.target] {
+                    if seen.insert(w) {
+                        lowest = lowest.min(w);
+                        todo.push(w);
+                    }
+                }
+            }
+        }
+        Some((lowest, grain))
+    }
+
+    /// Why host I/O to `vol` must fail now (FLASHCOPY.md §2.1), if it must.
+    fn offline_reason(&self, vol: VolId, _write: bool) -> Option<String> {
+        for m in self.mappings_of(vol) {
+            let as_target = m.target == vol;
+            let why = match m.state {
+                MapState::Suspended => Some("its mapping's metadata is offline (suspended)"),
+                _ if m.bitmap_offline && m.incremental => Some("its mapping's metadata is offline"),
+                MapState::Preparing | MapState::Prepared if as_target => {
+                    Some("it is the target of a mapping being prepared")
+                }
+                MapState::Stopped if as_target => {
+                    Some("it is the target of a stopped mapping; restart or delete --force the mapping")
+                }
+                MapState::Stopping if as_target && !m.split.all() => {
+                    Some("it is the target of a stopping mapping with an incomplete copy")
+                }
+                _ => None,
+            };
+            if let Some(why) = why {
+                return Some(format!("{why} ({} {})", m.id, m.state));
+            }
+        }
+        None
+    }
+
+    /// The volume whose physical data holds `vol`'s grain `g`, walking up through older links
+    /// than `arrived` only.
+    fn view(&self, vol: VolId, g: u64, arrived: u64) -> VolId {
+        let (mut v, mut seq) = (vol, arrived);
+        loop {
+            let Some(up) = self.volumes[&v].up else { return v };
+            let m = &self.mappings[&up];
+            let link = m.link.expect("a volume's up mapping is linked");
+            if m.split.get(g) || link.seq >= seq {
+                return v;
+            }
+            (v, seq) = (link.up, link.seq);
+        }
+    }
+
+    /// The volume whose physical grain `g` a read of `vol` must use (§3.4).
+    pub fn resolve(&self, vol: VolId, g: u64) -> VolId {
+        self.view(vol, g, u64::MAX)
+    }
+
+    /// Before `vol`'s grain `g` changes, give each dependant that would see the change its
+    /// current view (§3.6 step 1). `all`: every unsplit dependant sees it (a host write);
+    /// otherwise only those that read `vol`'s physical data (it gets its own view written).
+    fn protect(&self, vol: VolId, g: u64, all: bool, seen: &mut BTreeSet<MapId>, plan: &mut GrainPlan) {
+        for &d in &self.volumes[&vol].downs {
+            let dm = &self.mappings[&d];
+            if dm.split.get(g) || seen.contains(&d) {
+                continue;
+            }
+            let from = self.view(vol, g, dm.link.expect("downs are linked").seq);
+            if !all && from != vol {
+                continue;
+            }
+            seen.insert(d);
+            // The dependant's own readers of its physical data go first: they read it before
+            // this copy overwrites it.
+            self.protect(dm.target, g, false, seen, plan);
+            debug_assert!(plan.copies.iter().all(|c| c.to != from), "copy source overwritten earlier in the plan");
+            plan.copies.push(GrainCopy { from, to: dm.target });
+            plan.marks.push(Op::MarkSplit { map: d, grain: g });
+        }
+    }
+
+    /// Plan for a host write to grain `g` of `vol`; `whole` when it covers the whole grain
+    /// (§3.5, §3.6). Call with the grain lock held exclusively.
+    pub fn plan_write(&self, vol: VolId, g: u64, whole: bool) -> GrainPlan {
+        let v = &self.volumes[&vol];
+        let own = v.up.filter(|m| !self.mappings[m].split.get(g));
+        let mut plan = GrainPlan { grain: g, visible: own.is_none(), ..Default::default() };
+        let mut seen: BTreeSet<MapId> = own.into_iter().collect();
+        self.protect(vol, g, true, &mut seen, &mut plan);
+        if own.is_some() && !whole {
+            plan.copies.push(GrainCopy { from: self.resolve(vol, g), to: vol });
+        }
+        for m in self.mappings_of(vol) {
+            if m.recording && m.diff.as_ref().is_some_and(|d| !d.get(g)) {
+                plan.marks.push(Op::MarkDiff { map: m.id, grain: g });
+            }
+        }
+        if let Some(m) = own {
+            plan.marks.push(Op::MarkSplit { map: m, grain: g });
+        }
+        plan
+    }
+
+    /// Plan that copies grain `g` into mapping `map`'s target and marks it split (background
+    /// copy, cleaning). `None` when the grain is already split or the mapping is not linked.
+    fn plan_materialize(&self, map: MapId, g: u64) -> Option<GrainPlan> {
+        let m = &self.mappings[&map];
+        if m.link.is_none() || m.split.get(g) {
+            return None;
+        }
+        let mut plan = GrainPlan { grain: g, ..Default::default() };
+        let mut seen = BTreeSet::from([map]);
+        self.protect(m.target, g, false, &mut seen, &mut plan);
+        plan.copies.push(GrainCopy { from: self.resolve(m.target, g), to: m.target });
+        plan.marks.push(Op::MarkSplit { map, grain: g });
+        Some(plan)
+    }
+
+    /// The next background-copy step of a copying mapping at or after grain `from` (wrapping):
+    /// copy the grain's current image into the target (§3.7). `None` when every grain is split.
+    pub fn plan_background(&self, map: MapId, from: u64) -> Option<GrainPlan> {
+        let m = self.mappings.get(&map)?;
+        if m.state != MapState::Copying {
+            return None;
+        }
+        let g = m.split.next_zero(from)?;
+        self.plan_materialize(map, g)
+    }
+
+    /// Whether dependant `d` of stopping mapping `map` still needs grain data from its target:
+    /// the target holds the grain, or `d` reads the target's physical data directly.
+    fn clean_needed(&self, t: &Mapping, d: &Mapping, g: u64) -> bool {
+        !d.split.get(g) && (t.split.get(g) || t.link.unwrap().seq >= d.link.unwrap().seq)
+    }
+
+    /// Whether a stopping mapping still has grains its dependants need (§3.7).
+    pub fn needs_cleaning(&self, map: MapId) -> bool {
+        let Some(m) = self.mappings.get(&map) else { return false };
+        let (Some(link), n) = (m.link, m.grains()) else { return false };
+        self.volumes[&m.target].downs.iter().any(|d| {
+            let dm = &self.mappings[d];
+            if link.seq >= dm.link.unwrap().seq {
+                !dm.split.all()
+            } else {
+                n > 0 && m.split.prev_set_and_clear_in(&dm.split, n - 1).is_some()
+            }
+        })
+    }
+
+    /// The next cleaning step of a stopping mapping: the highest grain at or below `from`
+    /// (wrapping) that a dependant still needs, with the copies that hand it over.
+    pub fn plan_clean(&self, map: MapId, from: u64) -> Option<GrainPlan> {
+        let m = self.mappings.get(&map)?;
+        let link = m.link?;
+        if m.state != MapState::Stopping {
+            return None;
+        }
+        let downs = &self.volumes[&m.target].downs;
+        // Closest candidate at or below `from`, else the highest one (wrap).
+        let key = |g: u64| if g <= from { (1, g) } else { (0, g) };
+        let g = downs
+            .iter()
+            .filter_map(|d| {
+                let dm = &self.mappings[d];
+                if link.seq >= dm.link.unwrap().seq {
+                    dm.split.prev_zero(from)
+                } else {
+                    m.split.prev_set_and_clear_in(&dm.split, from)
+                }
+            })
+            .max_by_key(|g| key(*g))?;
+        let mut plan = GrainPlan { grain: g, ..Default::default() };
+        for d in downs {
+            let dm = &self.mappings[d];
+            if self.clean_needed(m, dm, g) {
+                if let Some(p) = self.plan_materialize(*d, g) {
+                    plan.copies.extend(p.copies);
+                    plan.marks.extend(p.marks);
+                }
+            }
+        }
+        Some(plan)
+    }
+
+    /// CopyComplete may be applied: every grain split and no dependant reads through the target.
+    pub fn copy_complete_ready(&self, map: MapId) -> bool {
+        let Some(m) = self.mappings.get(&map) else { return false };
+        m.state == MapState::Copying
+            && m.split.all()
+            && self.volumes[&m.target].downs.iter().all(|d| self.mappings[d].split.all())
+    }
+
+    /// Links a prepared mapping into the cascade and initialises its bitmaps (T1 step 3).
+    pub(super) fn link_and_init(&mut self, id: MapId) {
+        let (src, tgt, n) = {
+            let m = &self.mappings[&id];
+            (m.source, m.target, m.grains())
+        };
+        let seq = self.next_seq;
+        let mut split = Bitmap::zeros(n);
+        {
+            let m = self.mappings.get_mut(&id).unwrap();
+            if let Some(diff) = m.diff.as_mut() {
+                // Incremental (§3.8): only grains changed since a complete copy need copying.
+                if m.baseline && m.recording {
+                    split.assign_not(diff);
+                }
+                diff.fill(false);
+                m.recording = true;
+            }
+        }
+        // A restore: grains whose new image already sits in the target's own data are split.
+        if !self.volumes[&tgt].downs.is_empty() {
+            for g in 0..n {
+                if !split.get(g) && self.view(src, g, seq) == tgt {
+                    split.set(g);
+                }
+            }
+        }
+        // Incremental mappings that use the target see its content change where unsplit.
+        let others: Vec<MapId> =
+            self.mappings_of(tgt).filter(|o| o.id != id && o.incremental).map(|o| o.id).collect();
+        for o in &others {
+            let om = self.mappings.get_mut(o).unwrap();
+            if let Some(d) = om.diff.as_mut() {
+                d.or_not(&split);
+            }
+            // More than 4 other incremental mappings on one target: recording stops (§2.3 T1).
+            if others.len() > 4 {
+                om.recording = false;
+            }
+        }
+        // Older mappings of the source move below the new target, unless they read the
+        // source's own data past a newer link of the source (restore), which must stay.
+        let src_up_seq = self.volumes[&src].up.map(|u| self.mappings[&u].link.unwrap().seq);
+        let downs = std::mem::take(&mut self.volumes.get_mut(&src).unwrap().downs);
+        let (moved, kept): (Vec<MapId>, Vec<MapId>) =
+            downs.into_iter().partition(|d| src_up_seq.is_none_or(|s| self.mappings[d].link.unwrap().seq > s));
+        self.next_seq += 1;
+        for d in &moved {
+            self.mappings.get_mut(d).unwrap().link = Some(Link { up: tgt, seq: self.next_seq });
+            self.next_seq += 1;
+        }
+        self.volumes.get_mut(&tgt).unwrap().downs.extend(moved);
+        let s = self.volumes.get_mut(&src).unwrap();
+        s.downs = kept;
+        s.downs.push(id);
+        self.volumes.get_mut(&tgt).unwrap().up = Some(id);
+        let m = self.mappings.get_mut(&id).unwrap();
+        m.link = Some(Link { up: src, seq });
+        m.split = split;
+    }
+
+    /// Removes an active mapping from the cascade; its dependants read through its upstream.
+    pub(super) fn unlink(&mut self, id: MapId) {
+        let Some(link) = self.mappings[&id].link else { return };
+        let t = self.mappings[&id].target;
+        let downs = std::mem::take(&mut self.volumes.get_mut(&t).unwrap().downs);
+        for d in &downs {
+            // Same sequence as the removed link: the walk continues exactly as it did through it.
+            self.mappings.get_mut(d).unwrap().link = Some(Link { up: link.up, seq: link.seq });
+        }
+        let u = self.volumes.get_mut(&link.up).unwrap();
+        u.downs.retain(|x| *x != id);
+        u.downs.extend(downs);
+        self.volumes.get_mut(&t).unwrap().up = None;
+        self.mappings.get_mut(&id).unwrap().link = None;
+    }
+}
