@@ -15,10 +15,11 @@
 //! ones (§3.3). A target that is itself used as a source gets its own mappings inserted directly
 //! below it, which is the same rule.
 //!
-//! Links carry a sequence number. A read walks up from a volume while its grain is not split, but
-//! only through links older than the one it arrived by. This keeps a volume's older readers on its
-//! physical data when the volume later becomes a target itself (a restore), and makes every walk
-//! finite even though restores create cycles.
+//! A read walks up from a volume while its grain is not split. Each link remembers which mapping
+//! its upstream volume was itself a target of when the link was made, and the walk continues past
+//! that volume only through that same mapping. This keeps a volume's older readers on its physical
+//! data when the volume later becomes a target itself (a restore), and ends every walk even though
+//! restores create cycles of links.
 //!
 //! Before anything changes what a dependant reads at a grain (a host write, a fill, a background or
 //! cleaning copy), the planner first copies the dependant's current view into it and marks it
@@ -59,8 +60,12 @@ pub struct Volume {
 /// Where an active mapping's target reads unsplit grains from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Link {
+    /// The volume read through.
     up: VolId,
-    seq: u64,
+    /// `up`'s own up mapping when this link was made. A read walk continues past `up` only
+    /// while that is still `up`'s up mapping; if `up` has since become the target of another
+    /// mapping (a restore), this mapping reads `up`'s physical data, which is what it saw.
+    through: Option<MapId>,
 }
 
 /// A FlashCopy mapping (FLASHCOPY.md §1).
@@ -363,7 +368,6 @@ pub struct Engine {
     next_vol: u64,
     next_map: u64,
     next_group: u64,
-    next_seq: u64,
     bitmap_used: u64,
 }
 
@@ -375,7 +379,6 @@ impl Engine {
             next_vol: 1,
             next_map: 1,
             next_group: 1,
-            next_seq: 1,
             ..Default::default()
         }
     }

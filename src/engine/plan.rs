@@ -104,24 +104,25 @@ impl Engine {
         None
     }
 
-    /// The volume whose physical data holds `vol`'s grain `g`, walking up through older links
-    /// than `arrived` only.
-    fn view(&self, vol: VolId, g: u64, arrived: u64) -> VolId {
-        let (mut v, mut seq) = (vol, arrived);
-        loop {
+    /// The volume whose physical data holds grain `g` as seen from `vol` by a reader that
+    /// continues past `vol` only through mapping `through` (see [`Link`]).
+    fn view(&self, vol: VolId, g: u64, through: Option<MapId>) -> VolId {
+        let (mut v, mut through) = (vol, through);
+        for _ in 0..=self.volumes.len() {
             let Some(up) = self.volumes[&v].up else { return v };
             let m = &self.mappings[&up];
-            let link = m.link.expect("a volume's up mapping is linked");
-            if m.split.get(g) || link.seq >= seq {
+            if through != Some(up) || m.split.get(g) {
                 return v;
             }
-            (v, seq) = (link.up, link.seq);
+            let link = m.link.expect("a volume's up mapping is linked");
+            (v, through) = (link.up, link.through);
         }
+        unreachable!("cascade walk from {vol} at grain {g} does not end")
     }
 
     /// The volume whose physical grain `g` a read of `vol` must use (§3.4).
     pub fn resolve(&self, vol: VolId, g: u64) -> VolId {
-        self.view(vol, g, u64::MAX)
+        self.view(vol, g, self.volumes[&vol].up)
     }
 
     /// Before `vol`'s grain `g` changes, give each dependant that would see the change its
@@ -133,7 +134,7 @@ impl Engine {
             if dm.split.get(g) || seen.contains(&d) {
                 continue;
             }
-            let from = self.view(vol, g, dm.link.expect("downs are linked").seq);
+            let from = self.view(vol, g, dm.link.expect("downs are linked").through);
             if !all && from != vol {
                 continue;
             }
@@ -198,16 +199,16 @@ impl Engine {
     /// Whether dependant `d` of stopping mapping `map` still needs grain data from its target:
     /// the target holds the grain, or `d` reads the target's physical data directly.
     fn clean_needed(&self, t: &Mapping, d: &Mapping, g: u64) -> bool {
-        !d.split.get(g) && (t.split.get(g) || t.link.unwrap().seq >= d.link.unwrap().seq)
+        !d.split.get(g) && (t.split.get(g) || d.link.unwrap().through != Some(t.id))
     }
 
     /// Whether a stopping mapping still has grains its dependants need (§3.7).
     pub fn needs_cleaning(&self, map: MapId) -> bool {
         let Some(m) = self.mappings.get(&map) else { return false };
-        let (Some(link), n) = (m.link, m.grains()) else { return false };
+        let (Some(_), n) = (m.link, m.grains()) else { return false };
         self.volumes[&m.target].downs.iter().any(|d| {
             let dm = &self.mappings[d];
-            if link.seq >= dm.link.unwrap().seq {
+            if dm.link.unwrap().through != Some(map) {
                 !dm.split.all()
             } else {
                 n > 0 && m.split.prev_set_and_clear_in(&dm.split, n - 1).is_some()
@@ -219,7 +220,7 @@ impl Engine {
     /// (wrapping) that a dependant still needs, with the copies that hand it over.
     pub fn plan_clean(&self, map: MapId, from: u64) -> Option<GrainPlan> {
         let m = self.mappings.get(&map)?;
-        let link = m.link?;
+        m.link?;
         if m.state != MapState::Stopping {
             return None;
         }
@@ -230,7 +231,7 @@ impl Engine {
             .iter()
             .filter_map(|d| {
                 let dm = &self.mappings[d];
-                if link.seq >= dm.link.unwrap().seq {
+                if dm.link.unwrap().through != Some(map) {
                     dm.split.prev_zero(from)
                 } else {
                     m.split.prev_set_and_clear_in(&dm.split, from)
@@ -264,7 +265,6 @@ impl Engine {
             let m = &self.mappings[&id];
             (m.source, m.target, m.grains())
         };
-        let seq = self.next_seq;
         let mut split = Bitmap::zeros(n);
         {
             let m = self.mappings.get_mut(&id).unwrap();
@@ -280,7 +280,7 @@ impl Engine {
         // A restore: grains whose new image already sits in the target's own data are split.
         if !self.volumes[&tgt].downs.is_empty() {
             for g in 0..n {
-                if !split.get(g) && self.view(src, g, seq) == tgt {
+                if !split.get(g) && self.resolve(src, g) == tgt {
                     split.set(g);
                 }
             }
@@ -298,16 +298,15 @@ impl Engine {
                 om.recording = false;
             }
         }
-        // Older mappings of the source move below the new target, unless they read the
-        // source's own data past a newer link of the source (restore), which must stay.
-        let src_up_seq = self.volumes[&src].up.map(|u| self.mappings[&u].link.unwrap().seq);
+        // Older mappings of the source move below the new target, which holds exactly the
+        // source's image now; those that read the source's own data (a restore made it a
+        // target after they were linked) must keep reading it and stay.
+        let src_up = self.volumes[&src].up;
         let downs = std::mem::take(&mut self.volumes.get_mut(&src).unwrap().downs);
         let (moved, kept): (Vec<MapId>, Vec<MapId>) =
-            downs.into_iter().partition(|d| src_up_seq.is_none_or(|s| self.mappings[d].link.unwrap().seq > s));
-        self.next_seq += 1;
+            downs.into_iter().partition(|d| self.mappings[d].link.unwrap().through == src_up);
         for d in &moved {
-            self.mappings.get_mut(d).unwrap().link = Some(Link { up: tgt, seq: self.next_seq });
-            self.next_seq += 1;
+            self.mappings.get_mut(d).unwrap().link = Some(Link { up: tgt, through: Some(id) });
         }
         self.volumes.get_mut(&tgt).unwrap().downs.extend(moved);
         let s = self.volumes.get_mut(&src).unwrap();
@@ -315,7 +314,7 @@ impl Engine {
         s.downs.push(id);
         self.volumes.get_mut(&tgt).unwrap().up = Some(id);
         let m = self.mappings.get_mut(&id).unwrap();
-        m.link = Some(Link { up: src, seq });
+        m.link = Some(Link { up: src, through: src_up });
         m.split = split;
     }
 
@@ -323,10 +322,13 @@ impl Engine {
     pub(super) fn unlink(&mut self, id: MapId) {
         let Some(link) = self.mappings[&id].link else { return };
         let t = self.mappings[&id].target;
-        let downs = std::mem::take(&mut self.volumes.get_mut(&t).unwrap().downs);
+        let mut downs = std::mem::take(&mut self.volumes.get_mut(&t).unwrap().downs);
+        // After a restore completes, the restore mapping can read through its own target; it
+        // must not come back as its own dependant.
+        downs.retain(|d| *d != id);
         for d in &downs {
-            // Same sequence as the removed link: the walk continues exactly as it did through it.
-            self.mappings.get_mut(d).unwrap().link = Some(Link { up: link.up, seq: link.seq });
+            // The walk continues exactly as it did through the removed link.
+            self.mappings.get_mut(d).unwrap().link = Some(link);
         }
         let u = self.volumes.get_mut(&link.up).unwrap();
         u.downs.retain(|x| *x != id);

@@ -404,21 +404,17 @@ impl Engine {
         if connected.len() + 1 > self.limits.maps_per_connected_set {
             return Err(EngineError::ConnectedSetFull(self.limits.maps_per_connected_set));
         }
-        let existing = connected.iter().map(|m| &self.mappings[m]).find(|m| Some(m.grain) != spec.grain);
-        let grain = match (spec.grain, connected.iter().next()) {
-            (Some(g), _) => {
-                if let Some(m) = existing {
-                    return Err(EngineError::GrainSizeConflict {
-                        requested: g.bytes() / 1024,
-                        existing: m.grain.bytes() / 1024,
-                        mapping: m.id,
-                    });
-                }
-                g
-            }
-            (None, Some(m)) => self.mappings[m].grain,
-            (None, None) => GrainSize::K256,
-        };
+        // One grain size per connected cascade: the new mapping may join two sets only when
+        // they agree, and inherits their size when none is asked for.
+        let inherited = connected.iter().map(|m| &self.mappings[m]).next().map(|m| (m.grain, m.id));
+        let grain = spec.grain.or(inherited.map(|(g, _)| g)).unwrap_or(GrainSize::K256);
+        if let Some(m) = connected.iter().map(|m| &self.mappings[m]).find(|m| m.grain != grain) {
+            return Err(EngineError::GrainSizeConflict {
+                requested: grain.bytes() / 1024,
+                existing: m.grain.bytes() / 1024,
+                mapping: m.id,
+            });
+        }
         if let Some(g) = spec.group {
             let grp = self.groups.get(&g).ok_or(EngineError::NoSuchGroup(g))?;
             self.check_group_joinable(g)?;

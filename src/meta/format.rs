@@ -113,10 +113,16 @@ pub(crate) fn read_checkpoint(store: &dyn BlockStore) -> Result<Slot, StoreError
         )));
     }
     if generation == 0 {
-        return Ok(Slot::Broken("checkpoint claims generation 0, which is never written".into()));
+        return Ok(Slot::Broken(
+            "checkpoint claims generation 0, which is never written".into(),
+        ));
     }
     image.drain(..CKPT_HEADER_LEN as usize);
-    Ok(Slot::Valid { generation, crc: stored_crc, payload: image })
+    Ok(Slot::Valid {
+        generation,
+        crc: stored_crc,
+        payload: image,
+    })
 }
 
 /// Appends one journal frame to `out`.
@@ -204,7 +210,12 @@ pub(crate) fn read_frame(
     let generation = le_u64(&frame[8..]);
     let seq = le_u64(&frame[16..]);
     frame.drain(..FRAME_HEADER_LEN as usize);
-    Ok(Ok(Frame { generation, seq, payload: frame, len: frame_len }))
+    Ok(Ok(Frame {
+        generation,
+        seq,
+        payload: frame,
+        len: frame_len,
+    }))
 }
 
 /// Decodes a start-marker payload into the checkpoint crc it carries.

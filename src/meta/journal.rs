@@ -1,8 +1,9 @@
 //! The journal handle: recovery on open, appends, syncs and checkpoints.
 
 use super::format::{
-    CKPT_HEADER_LEN, FRAME_HEADER_LEN, Frame, MARKER_FRAME_LEN, MAX_RECORD_LEN, Slot, decode_marker,
-    encode_checkpoint, encode_frame, encode_marker, last_nonzero_end, read_checkpoint, read_frame,
+    CKPT_HEADER_LEN, FRAME_HEADER_LEN, Frame, MARKER_FRAME_LEN, MAX_RECORD_LEN, Slot,
+    decode_marker, encode_checkpoint, encode_frame, encode_marker, last_nonzero_end,
+    read_checkpoint, read_frame,
 };
 use super::{CHECKPOINT_A, CHECKPOINT_B, JOURNAL, MetaError, MetaFiles};
 use crate::store::{BlockStore, StoreError};
@@ -38,7 +39,10 @@ enum Head {
     /// Non-empty but all zeros: the start marker was never made durable.
     Zeroed,
     /// A valid start marker for `generation`, bound to the checkpoint with crc `checkpoint_crc`.
-    Marker { generation: u64, checkpoint_crc: u32 },
+    Marker {
+        generation: u64,
+        checkpoint_crc: u32,
+    },
     /// Anything else.
     Broken(String),
 }
@@ -49,11 +53,21 @@ fn read_head(store: &dyn BlockStore) -> Result<Head, StoreError> {
         return Ok(Head::Missing);
     }
     Ok(match read_frame(store, 0, size)? {
-        Ok(Frame { generation, seq: 0, payload, .. }) => match decode_marker(&payload) {
-            Ok(checkpoint_crc) => Head::Marker { generation, checkpoint_crc },
+        Ok(Frame {
+            generation,
+            seq: 0,
+            payload,
+            ..
+        }) => match decode_marker(&payload) {
+            Ok(checkpoint_crc) => Head::Marker {
+                generation,
+                checkpoint_crc,
+            },
             Err(reason) => Head::Broken(reason),
         },
-        Ok(Frame { generation, seq, .. }) => Head::Broken(format!(
+        Ok(Frame {
+            generation, seq, ..
+        }) => Head::Broken(format!(
             "first frame is record {seq} of generation {generation}, not a start marker"
         )),
         Err(reason) => match last_nonzero_end(store, 0, size)? {
@@ -121,7 +135,9 @@ impl Journal {
             .iter()
             .enumerate()
             .filter_map(|(i, s)| match s {
-                Slot::Valid { generation, crc, .. } => Some((i, *generation, *crc)),
+                Slot::Valid {
+                    generation, crc, ..
+                } => Some((i, *generation, *crc)),
                 _ => None,
             })
             .max_by_key(|&(_, g, _)| g);
@@ -150,7 +166,10 @@ impl Journal {
             }
             (Head::Missing | Head::Zeroed, None) => {
                 if let Some((file, reason)) = first_broken() {
-                    return Err(corrupt(file, format!("{reason} (and no other valid checkpoint)")));
+                    return Err(corrupt(
+                        file,
+                        format!("{reason} (and no other valid checkpoint)"),
+                    ));
                 }
                 (None, Plan::Reset(None))
             }
@@ -161,7 +180,13 @@ impl Journal {
                     b.1
                 ))),
             ),
-            (Head::Marker { generation: j, checkpoint_crc }, best) => match best {
+            (
+                Head::Marker {
+                    generation: j,
+                    checkpoint_crc,
+                },
+                best,
+            ) => match best {
                 Some((i, h, crc)) if h == j => {
                     if crc != checkpoint_crc {
                         return Err(corrupt(
@@ -236,12 +261,13 @@ impl Journal {
         }
 
         let (generation, checkpoint_crc) = chosen.map_or((0, 0), |(_, g, c)| (g, c));
-        let checkpoint = chosen.map(|(i, _, _)| {
-            match std::mem::replace(&mut slots[i], Slot::Empty) {
-                Slot::Valid { payload, .. } => payload,
-                _ => unreachable!("chosen slot is valid"),
-            }
-        });
+        let checkpoint =
+            chosen.map(
+                |(i, _, _)| match std::mem::replace(&mut slots[i], Slot::Empty) {
+                    Slot::Valid { payload, .. } => payload,
+                    _ => unreachable!("chosen slot is valid"),
+                },
+            );
         let mut journal = Journal {
             files,
             generation,
@@ -342,7 +368,11 @@ impl Journal {
         for r in records {
             let len = r.len() as u64;
             if len > MAX_RECORD_LEN {
-                return Err(MetaError::TooLarge { what: "journal record", len, max: MAX_RECORD_LEN });
+                return Err(MetaError::TooLarge {
+                    what: "journal record",
+                    len,
+                    max: MAX_RECORD_LEN,
+                });
             }
             total += FRAME_HEADER_LEN + len;
         }
@@ -398,7 +428,12 @@ impl Journal {
     /// checkpoint with all its records or the new checkpoint with none.
     pub fn checkpoint(&mut self, payload: &[u8]) -> Result<(), MetaError> {
         self.check_usable()?;
-        let next = self.generation + 1;
+        // Only a hand-crafted checkpoint could get here, but bad bytes must never panic.
+        let next = self.generation.checked_add(1).ok_or(MetaError::TooLarge {
+            what: "checkpoint generation",
+            len: self.generation,
+            max: u64::MAX - 1,
+        })?;
         let (image, crc) = encode_checkpoint(next, payload);
         debug_assert_eq!(image.len() as u64, CKPT_HEADER_LEN + payload.len() as u64);
         self.guard(|j| {
@@ -422,7 +457,11 @@ impl Journal {
     }
 
     fn check_usable(&self) -> Result<(), MetaError> {
-        if self.poisoned { Err(MetaError::Poisoned) } else { Ok(()) }
+        if self.poisoned {
+            Err(MetaError::Poisoned)
+        } else {
+            Ok(())
+        }
     }
 
     /// Runs store operations, poisoning the journal if any fails: after a failed write or flush

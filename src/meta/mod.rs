@@ -108,11 +108,11 @@ pub enum MetaError {
         source: std::io::Error,
     },
     /// A record or checkpoint is too large for the format.
-    #[error("{what} of {len} bytes exceeds the limit of {max} bytes")]
+    #[error("{what} ({len}) exceeds the limit of {max}")]
     TooLarge {
         /// What was too large.
         what: &'static str,
-        /// Its size.
+        /// Its size (bytes, or the generation number).
         len: u64,
         /// The limit.
         max: u64,
