@@ -2,7 +2,10 @@
 //! background copy and cleaning steps and restarts, checked after every step against a naive
 //! reference model in which a start takes a full copy of the source.
 
-use flashcopy_csi::engine::{Engine, EngineError, Event, GrainSize, GroupId, MapId, MapState, MappingChange, MappingSpec, VolId};
+use flashcopy_csi::engine::{
+    Engine, EngineError, Event, GrainSize, GroupId, MapId, MapState, MappingChange, MappingSpec,
+    VolId,
+};
 use flashcopy_csi::meta::MetaFiles;
 use flashcopy_csi::volume::{MemBackend, Pool, PoolConfig, Step, VolumeError};
 use proptest::prelude::*;
@@ -16,21 +19,74 @@ const N_VOLS: usize = 10;
 
 #[derive(Clone, Debug)]
 enum Cmd {
-    Write { vol: usize, sector: usize, sectors: usize, whole_grain: bool },
-    Read { vol: usize, sector: usize, sectors: usize },
-    Snap { src: usize, tgt: usize, copy_rate: u8, incremental: bool },
-    Mkmap { src: usize, tgt: usize, copy_rate: u8, grain: Option<GrainSize>, incremental: bool, autodelete: bool },
-    Prepare { map: usize, restore: bool },
-    Start { map: usize, prep: bool, restore: bool },
-    Stop { map: usize, force: bool, split: bool },
-    Delete { map: usize, force: bool },
+    Write {
+        vol: usize,
+        sector: usize,
+        sectors: usize,
+        whole_grain: bool,
+    },
+    Read {
+        vol: usize,
+        sector: usize,
+        sectors: usize,
+    },
+    Snap {
+        src: usize,
+        tgt: usize,
+        copy_rate: u8,
+        incremental: bool,
+    },
+    Mkmap {
+        src: usize,
+        tgt: usize,
+        copy_rate: u8,
+        grain: Option<GrainSize>,
+        incremental: bool,
+        autodelete: bool,
+    },
+    Prepare {
+        map: usize,
+        restore: bool,
+    },
+    Start {
+        map: usize,
+        prep: bool,
+        restore: bool,
+    },
+    Stop {
+        map: usize,
+        force: bool,
+        split: bool,
+    },
+    Delete {
+        map: usize,
+        force: bool,
+    },
     Mkgrp,
-    Join { map: usize, group: usize },
-    Leave { map: usize },
-    StartGroup { group: usize, prep: bool, restore: bool },
-    StopGroup { group: usize, force: bool },
-    Background { map: usize, steps: usize },
-    Rate { map: usize, copy_rate: u8 },
+    Join {
+        map: usize,
+        group: usize,
+    },
+    Leave {
+        map: usize,
+    },
+    StartGroup {
+        group: usize,
+        prep: bool,
+        restore: bool,
+    },
+    StopGroup {
+        group: usize,
+        force: bool,
+    },
+    Background {
+        map: usize,
+        steps: usize,
+    },
+    Rate {
+        map: usize,
+        copy_rate: u8,
+    },
     Reopen,
 }
 
@@ -94,7 +150,10 @@ struct World {
 
 fn open(meta: &MetaFiles, backend: &Arc<MemBackend>) -> Pool {
     // A tiny checkpoint threshold exercises checkpoint + replay on every reopen.
-    let cfg = PoolConfig { checkpoint_after: 4096, ..PoolConfig::default() };
+    let cfg = PoolConfig {
+        checkpoint_after: 4096,
+        ..PoolConfig::default()
+    };
     Pool::open(meta.clone(), backend.clone(), cfg).expect("pool opens")
 }
 
@@ -104,14 +163,27 @@ impl World {
         let backend = Arc::new(MemBackend::default());
         let pool = open(&meta, &backend);
         let mut vols = Vec::new();
-        let mut model = Model { data: BTreeMap::new(), defined: BTreeMap::new() };
+        let mut model = Model {
+            data: BTreeMap::new(),
+            defined: BTreeMap::new(),
+        };
         for i in 0..N_VOLS {
-            let v = pool.create_volume(&format!("v{i}"), VOL_SIZE as u64).unwrap();
+            let v = pool
+                .create_volume(&format!("v{i}"), VOL_SIZE as u64)
+                .unwrap();
             model.data.insert(v, vec![0; VOL_SIZE]);
             model.defined.insert(v, vec![true; VOL_SIZE / SECTOR]);
             vols.push(v);
         }
-        World { meta, backend, pool, vols, model, cursors: BTreeMap::new(), writes: 0 }
+        World {
+            meta,
+            backend,
+            pool,
+            vols,
+            model,
+            cursors: BTreeMap::new(),
+            writes: 0,
+        }
     }
 
     fn maps(&self) -> Vec<MapId> {
@@ -133,10 +205,16 @@ impl World {
                 // Source and target never change; a mapping may be new in this step, or gone
                 // (autodelete) after it.
                 let now = self.pool.engine().mapping(*map).cloned();
-                let m = before.mapping(*map).cloned().or(now).expect("mapping known");
+                let m = before
+                    .mapping(*map)
+                    .cloned()
+                    .or(now)
+                    .expect("mapping known");
                 match (from, to) {
                     (MapState::Prepared, MapState::Copying) => self.model.copy(m.source, m.target),
-                    (_, MapState::Preparing) | (_, MapState::Stopped) => self.model.undefine(m.target),
+                    (_, MapState::Preparing) | (_, MapState::Stopped) => {
+                        self.model.undefine(m.target)
+                    }
                     _ => {}
                 }
             }
@@ -149,7 +227,11 @@ impl World {
             .mappings()
             .filter_map(|m| {
                 let to = after.mapping(m.id).map(|a| a.state)?;
-                (to != m.state).then_some(Event::MapState { map: m.id, from: m.state, to })
+                (to != m.state).then_some(Event::MapState {
+                    map: m.id,
+                    from: m.state,
+                    to,
+                })
             })
             .collect()
     }
@@ -157,7 +239,12 @@ impl World {
     fn step(&mut self, c: &Cmd) {
         let before = self.pool.engine().clone();
         let res: Result<Vec<Event>, VolumeError> = match c.clone() {
-            Cmd::Write { vol, sector, sectors, whole_grain } => {
+            Cmd::Write {
+                vol,
+                sector,
+                sectors,
+                whole_grain,
+            } => {
                 let v = self.vols[vol];
                 let (off, len) = if whole_grain {
                     let g = 64 * 1024;
@@ -172,13 +259,18 @@ impl World {
                 match self.pool.write(v, off as u64, &data) {
                     Ok(()) => {
                         self.model.data.get_mut(&v).unwrap()[off..off + len].copy_from_slice(&data);
-                        self.model.defined.get_mut(&v).unwrap()[off / SECTOR..(off + len) / SECTOR].fill(true);
+                        self.model.defined.get_mut(&v).unwrap()[off / SECTOR..(off + len) / SECTOR]
+                            .fill(true);
                         Ok(vec![])
                     }
                     Err(e) => Err(e),
                 }
             }
-            Cmd::Read { vol, sector, sectors } => {
+            Cmd::Read {
+                vol,
+                sector,
+                sectors,
+            } => {
                 let v = self.vols[vol];
                 let off = sector * SECTOR;
                 let len = (sectors * SECTOR).min(VOL_SIZE - off);
@@ -189,14 +281,22 @@ impl World {
                         let def = &self.model.defined[&v][off / SECTOR..(off + len) / SECTOR];
                         for (i, d) in def.iter().enumerate() {
                             let r = i * SECTOR..(i + 1) * SECTOR;
-                            assert!(!d || buf[r.clone()] == want[r], "partial read of {v} at {off}+{len} differs at sector {i}");
+                            assert!(
+                                !d || buf[r.clone()] == want[r],
+                                "partial read of {v} at {off}+{len} differs at sector {i}"
+                            );
                         }
                         Ok(vec![])
                     }
                     Err(e) => Err(e),
                 }
             }
-            Cmd::Snap { src, tgt, copy_rate, incremental } => {
+            Cmd::Snap {
+                src,
+                tgt,
+                copy_rate,
+                incremental,
+            } => {
                 let mut spec = MappingSpec::new(self.vols[src], self.vols[tgt]);
                 spec.copy_rate = copy_rate;
                 spec.incremental = incremental;
@@ -205,13 +305,22 @@ impl World {
                     Ok(m) => match self.pool.start_mapping(m, true, false) {
                         Ok(r) => Ok(r.events),
                         // The mapping exists now even though it could not start.
-                        Err(VolumeError::Engine(_)) => Ok(Self::diff_events(&before, &self.pool.engine())),
+                        Err(VolumeError::Engine(_)) => {
+                            Ok(Self::diff_events(&before, &self.pool.engine()))
+                        }
                         Err(e) => Err(e),
                     },
                     Err(e) => Err(e),
                 }
             }
-            Cmd::Mkmap { src, tgt, copy_rate, grain, incremental, autodelete } => {
+            Cmd::Mkmap {
+                src,
+                tgt,
+                copy_rate,
+                grain,
+                incremental,
+                autodelete,
+            } => {
                 let mut spec = MappingSpec::new(self.vols[src], self.vols[tgt]);
                 spec.copy_rate = copy_rate;
                 spec.grain = grain;
@@ -237,16 +346,30 @@ impl World {
             },
             Cmd::Mkgrp => self.pool.create_group(None, false).map(|_| vec![]),
             Cmd::Join { map, group } => match (self.map(map), self.group(group)) {
-                (Some(m), Some(g)) => {
-                    self.pool.modify_mapping(m, MappingChange { group: Some(Some(g)), ..Default::default() })
-                }
+                (Some(m), Some(g)) => self.pool.modify_mapping(
+                    m,
+                    MappingChange {
+                        group: Some(Some(g)),
+                        ..Default::default()
+                    },
+                ),
                 _ => Ok(vec![]),
             },
             Cmd::Leave { map } => match self.map(map) {
-                Some(m) => self.pool.modify_mapping(m, MappingChange { group: Some(None), ..Default::default() }),
+                Some(m) => self.pool.modify_mapping(
+                    m,
+                    MappingChange {
+                        group: Some(None),
+                        ..Default::default()
+                    },
+                ),
                 None => Ok(vec![]),
             },
-            Cmd::StartGroup { group, prep, restore } => match self.group(group) {
+            Cmd::StartGroup {
+                group,
+                prep,
+                restore,
+            } => match self.group(group) {
                 Some(g) => self.pool.start_group(g, prep, restore).map(|r| r.events),
                 None => Ok(vec![]),
             },
@@ -255,7 +378,13 @@ impl World {
                 None => Ok(vec![]),
             },
             Cmd::Rate { map, copy_rate } => match self.map(map) {
-                Some(m) => self.pool.modify_mapping(m, MappingChange { copy_rate: Some(copy_rate), ..Default::default() }),
+                Some(m) => self.pool.modify_mapping(
+                    m,
+                    MappingChange {
+                        copy_rate: Some(copy_rate),
+                        ..Default::default()
+                    },
+                ),
                 None => Ok(vec![]),
             },
             Cmd::Background { map, steps } => {
@@ -271,7 +400,11 @@ impl World {
                         match r.expect("background step") {
                             Step::Copied { next, .. } => {
                                 let c = self.cursors.get_mut(&m).unwrap();
-                                if state == Some(MapState::Copying) { c.0 = next } else { c.1 = next }
+                                if state == Some(MapState::Copying) {
+                                    c.0 = next
+                                } else {
+                                    c.1 = next
+                                }
                             }
                             _ => break,
                         }
@@ -283,34 +416,58 @@ impl World {
             Cmd::Reopen => {
                 let engine_before = self.pool.engine().clone();
                 // Drop the pool first: a restarted agent finds only what was made durable.
-                let pool = std::mem::replace(&mut self.pool, open(&MetaFiles::in_memory(), &Arc::new(MemBackend::default())));
+                let pool = std::mem::replace(
+                    &mut self.pool,
+                    open(&MetaFiles::in_memory(), &Arc::new(MemBackend::default())),
+                );
                 drop(pool);
                 self.pool = open(&self.meta, &self.backend);
                 let after = self.pool.engine().clone();
-                assert_eq!(engine_before, after, "recovered engine differs from the one before restart");
+                assert_eq!(
+                    engine_before, after,
+                    "recovered engine differs from the one before restart"
+                );
                 Ok(vec![])
             }
         };
         if std::env::var("MODEL_STATS").is_ok() {
-            let k = format!("{:?}", c).split([' ', '{']).next().unwrap().to_string();
+            let k = format!("{:?}", c)
+                .split([' ', '{'])
+                .next()
+                .unwrap()
+                .to_string();
             let ok = if res.is_ok() { "ok" } else { "err" };
             let mut st = STATS.lock().unwrap();
             *st.entry(format!("{k}-{ok}")).or_default() += 1;
             let e = self.pool.engine();
             for m in e.mappings() {
                 *st.entry(format!("state-{}", m.state)).or_default() += 1;
-                if m.restoring { *st.entry("restoring".into()).or_default() += 1; }
-                if e.dependent_mappings(m.id).len() > 0 { *st.entry("has-dependants".into()).or_default() += 1; }
+                if m.restoring {
+                    *st.entry("restoring".into()).or_default() += 1;
+                }
+                if !e.dependent_mappings(m.id).is_empty() {
+                    *st.entry("has-dependants".into()).or_default() += 1;
+                }
             }
-            let cow = self.pool.stats.cow_grains.swap(0, std::sync::atomic::Ordering::Relaxed) as usize;
+            let cow = self
+                .pool
+                .stats
+                .cow_grains
+                .swap(0, std::sync::atomic::Ordering::Relaxed) as usize;
             *st.entry("cow-grains".into()).or_default() += cow;
-            if e.mappings().filter(|m| m.state.is_active()).count() >= 3 { *st.entry("3+active".into()).or_default() += 1; }
+            if e.mappings().filter(|m| m.state.is_active()).count() >= 3 {
+                *st.entry("3+active".into()).or_default() += 1;
+            }
         }
         match res {
             Ok(events) => self.apply_events(&events, &before),
             Err(VolumeError::Engine(_)) | Err(VolumeError::AlreadyPrepared(_)) => {
                 // A rejected command changes nothing.
-                assert_eq!(*self.pool.engine(), before, "rejected {c:?} changed the engine");
+                assert_eq!(
+                    *self.pool.engine(),
+                    before,
+                    "rejected {c:?} changed the engine"
+                );
             }
             Err(e) => panic!("{c:?} failed unexpectedly: {e}"),
         }
@@ -338,7 +495,11 @@ impl World {
                 Err(VolumeError::Engine(EngineError::VolumeOffline { .. })) => {
                     let e = self.pool.engine();
                     let transitional = e.mappings_of(v).any(|m| {
-                        m.target == v && matches!(m.state, MapState::Stopping | MapState::Preparing | MapState::Prepared)
+                        m.target == v
+                            && matches!(
+                                m.state,
+                                MapState::Stopping | MapState::Preparing | MapState::Prepared
+                            )
                     });
                     assert!(
                         transitional || self.model.defined[&v].iter().any(|d| !d),
@@ -354,7 +515,10 @@ impl World {
 static STATS: std::sync::Mutex<BTreeMap<String, usize>> = std::sync::Mutex::new(BTreeMap::new());
 
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000)
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000)
 }
 
 proptest! {

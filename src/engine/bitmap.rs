@@ -54,7 +54,12 @@ impl Bitmap {
     }
     /// Sets every bit that is clear in `other` (self |= !other).
     pub fn or_not(&mut self, other: &Bitmap) {
-        for (a, b) in self.0.as_raw_mut_slice().iter_mut().zip(other.0.as_raw_slice()) {
+        for (a, b) in self
+            .0
+            .as_raw_mut_slice()
+            .iter_mut()
+            .zip(other.0.as_raw_slice())
+        {
             *a |= !*b;
         }
         // Bits past the logical end stay meaningless; BitVec ignores them.
@@ -115,7 +120,13 @@ fn scan_down(n: usize, from: u64, word: impl Fn(usize) -> u64) -> Option<u64> {
         }
         None
     };
-    scan(0, from).or_else(|| if from + 1 < n { scan(from + 1, n - 1) } else { None })
+    scan(0, from).or_else(|| {
+        if from + 1 < n {
+            scan(from + 1, n - 1)
+        } else {
+            None
+        }
+    })
 }
 
 impl Serialize for Bitmap {

@@ -21,7 +21,9 @@ pub enum EngineError {
     #[error("name {0:?} is already in use")]
     NameInUse(String),
     /// Names must be usable on a command line.
-    #[error("invalid name {0:?}: use 1-63 characters from [A-Za-z0-9._-], not starting with a digit")]
+    #[error(
+        "invalid name {0:?}: use 1-63 characters from [A-Za-z0-9._-], not starting with a digit"
+    )]
     InvalidName(String),
     /// Volume sizes must be positive multiples of 512 bytes.
     #[error("invalid volume size {0}: must be a positive multiple of 512 bytes")]
@@ -30,7 +32,9 @@ pub enum EngineError {
     #[error("volume {0} belongs to mapping {1}: delete the mapping first")]
     VolumeInUse(VolId, MapId),
     /// CMMVC5924E: source and target must have the same size.
-    #[error("CMMVC5924E source {src} has {source_size} bytes but target {target} has {target_size}: sizes must be equal")]
+    #[error(
+        "CMMVC5924E source {src} has {source_size} bytes but target {target} has {target_size}: sizes must be equal"
+    )]
     SizeMismatch {
         /// Source volume.
         src: VolId,
@@ -76,7 +80,9 @@ pub enum EngineError {
     #[error("rate {0} is outside 0-150")]
     InvalidRate(u8),
     /// One grain size per connected cascade.
-    #[error("grain size {requested} KiB conflicts with {existing} KiB used by connected mapping {mapping}")]
+    #[error(
+        "grain size {requested} KiB conflicts with {existing} KiB used by connected mapping {mapping}"
+    )]
     GrainSizeConflict {
         /// Grain size asked for (KiB).
         requested: u64,

@@ -44,10 +44,24 @@ pub struct IoShape {
 
 impl Engine {
     /// Checks that `vol` is online and `offset+len` inside it, and says how to do the I/O.
-    pub fn check_io(&self, vol: VolId, offset: u64, len: u64, write: bool) -> Result<IoShape, EngineError> {
-        let v = self.volumes.get(&vol).ok_or(EngineError::NoSuchVolume(vol))?;
+    pub fn check_io(
+        &self,
+        vol: VolId,
+        offset: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<IoShape, EngineError> {
+        let v = self
+            .volumes
+            .get(&vol)
+            .ok_or(EngineError::NoSuchVolume(vol))?;
         if offset.checked_add(len).is_none_or(|end| end > v.size) {
-            return Err(EngineError::OutOfRange { vol, offset, len, size: v.size });
+            return Err(EngineError::OutOfRange {
+                vol,
+                offset,
+                len,
+                size: v.size,
+            });
         }
         if let Some(reason) = self.offline_reason(vol, write) {
             return Err(EngineError::VolumeOffline { vol, reason });
@@ -89,9 +103,9 @@ impl Engine {
                 MapState::Preparing | MapState::Prepared if as_target => {
                     Some("it is the target of a mapping being prepared")
                 }
-                MapState::Stopped if as_target => {
-                    Some("it is the target of a stopped mapping; restart or delete --force the mapping")
-                }
+                MapState::Stopped if as_target => Some(
+                    "it is the target of a stopped mapping; restart or delete --force the mapping",
+                ),
                 MapState::Stopping if as_target && !m.split.all() => {
                     Some("it is the target of a stopping mapping with an incomplete copy")
                 }
@@ -109,7 +123,9 @@ impl Engine {
     fn view(&self, vol: VolId, g: u64, through: Option<MapId>) -> VolId {
         let (mut v, mut through) = (vol, through);
         for _ in 0..=self.volumes.len() {
-            let Some(up) = self.volumes[&v].up else { return v };
+            let Some(up) = self.volumes[&v].up else {
+                return v;
+            };
             let m = &self.mappings[&up];
             if through != Some(up) || m.split.get(g) {
                 return v;
@@ -128,7 +144,14 @@ impl Engine {
     /// Before `vol`'s grain `g` changes, give each dependant that would see the change its
     /// current view (§3.6 step 1). `all`: every unsplit dependant sees it (a host write);
     /// otherwise only those that read `vol`'s physical data (it gets its own view written).
-    fn protect(&self, vol: VolId, g: u64, all: bool, seen: &mut BTreeSet<MapId>, plan: &mut GrainPlan) {
+    fn protect(
+        &self,
+        vol: VolId,
+        g: u64,
+        all: bool,
+        seen: &mut BTreeSet<MapId>,
+        plan: &mut GrainPlan,
+    ) {
         for &d in &self.volumes[&vol].downs {
             let dm = &self.mappings[&d];
             if dm.split.get(g) || seen.contains(&d) {
@@ -142,8 +165,14 @@ impl Engine {
             // The dependant's own readers of its physical data go first: they read it before
             // this copy overwrites it.
             self.protect(dm.target, g, false, seen, plan);
-            debug_assert!(plan.copies.iter().all(|c| c.to != from), "copy source overwritten earlier in the plan");
-            plan.copies.push(GrainCopy { from, to: dm.target });
+            debug_assert!(
+                plan.copies.iter().all(|c| c.to != from),
+                "copy source overwritten earlier in the plan"
+            );
+            plan.copies.push(GrainCopy {
+                from,
+                to: dm.target,
+            });
             plan.marks.push(Op::MarkSplit { map: d, grain: g });
         }
     }
@@ -153,15 +182,25 @@ impl Engine {
     pub fn plan_write(&self, vol: VolId, g: u64, whole: bool) -> GrainPlan {
         let v = &self.volumes[&vol];
         let own = v.up.filter(|m| !self.mappings[m].split.get(g));
-        let mut plan = GrainPlan { grain: g, visible: own.is_none(), ..Default::default() };
+        let mut plan = GrainPlan {
+            grain: g,
+            visible: own.is_none(),
+            ..Default::default()
+        };
         let mut seen: BTreeSet<MapId> = own.into_iter().collect();
         self.protect(vol, g, true, &mut seen, &mut plan);
         if own.is_some() && !whole {
-            plan.copies.push(GrainCopy { from: self.resolve(vol, g), to: vol });
+            plan.copies.push(GrainCopy {
+                from: self.resolve(vol, g),
+                to: vol,
+            });
         }
         for m in self.mappings_of(vol) {
             if m.recording && m.diff.as_ref().is_some_and(|d| !d.get(g)) {
-                plan.marks.push(Op::MarkDiff { map: m.id, grain: g });
+                plan.marks.push(Op::MarkDiff {
+                    map: m.id,
+                    grain: g,
+                });
             }
         }
         if let Some(m) = own {
@@ -177,10 +216,16 @@ impl Engine {
         if m.link.is_none() || m.split.get(g) {
             return None;
         }
-        let mut plan = GrainPlan { grain: g, ..Default::default() };
+        let mut plan = GrainPlan {
+            grain: g,
+            ..Default::default()
+        };
         let mut seen = BTreeSet::from([map]);
         self.protect(m.target, g, false, &mut seen, &mut plan);
-        plan.copies.push(GrainCopy { from: self.resolve(m.target, g), to: m.target });
+        plan.copies.push(GrainCopy {
+            from: self.resolve(m.target, g),
+            to: m.target,
+        });
         plan.marks.push(Op::MarkSplit { map, grain: g });
         Some(plan)
     }
@@ -204,8 +249,12 @@ impl Engine {
 
     /// Whether a stopping mapping still has grains its dependants need (§3.7).
     pub fn needs_cleaning(&self, map: MapId) -> bool {
-        let Some(m) = self.mappings.get(&map) else { return false };
-        let (Some(_), n) = (m.link, m.grains()) else { return false };
+        let Some(m) = self.mappings.get(&map) else {
+            return false;
+        };
+        let (Some(_), n) = (m.link, m.grains()) else {
+            return false;
+        };
         self.volumes[&m.target].downs.iter().any(|d| {
             let dm = &self.mappings[d];
             if dm.link.unwrap().through != Some(map) {
@@ -238,14 +287,17 @@ impl Engine {
                 }
             })
             .max_by_key(|g| key(*g))?;
-        let mut plan = GrainPlan { grain: g, ..Default::default() };
+        let mut plan = GrainPlan {
+            grain: g,
+            ..Default::default()
+        };
         for d in downs {
             let dm = &self.mappings[d];
-            if self.clean_needed(m, dm, g) {
-                if let Some(p) = self.plan_materialize(*d, g) {
-                    plan.copies.extend(p.copies);
-                    plan.marks.extend(p.marks);
-                }
+            if self.clean_needed(m, dm, g)
+                && let Some(p) = self.plan_materialize(*d, g)
+            {
+                plan.copies.extend(p.copies);
+                plan.marks.extend(p.marks);
             }
         }
         Some(plan)
@@ -253,10 +305,15 @@ impl Engine {
 
     /// CopyComplete may be applied: every grain split and no dependant reads through the target.
     pub fn copy_complete_ready(&self, map: MapId) -> bool {
-        let Some(m) = self.mappings.get(&map) else { return false };
+        let Some(m) = self.mappings.get(&map) else {
+            return false;
+        };
         m.state == MapState::Copying
             && m.split.all()
-            && self.volumes[&m.target].downs.iter().all(|d| self.mappings[d].split.all())
+            && self.volumes[&m.target]
+                .downs
+                .iter()
+                .all(|d| self.mappings[d].split.all())
     }
 
     /// Links a prepared mapping into the cascade and initialises its bitmaps (T1 step 3).
@@ -286,8 +343,11 @@ impl Engine {
             }
         }
         // Incremental mappings that use the target see its content change where unsplit.
-        let others: Vec<MapId> =
-            self.mappings_of(tgt).filter(|o| o.id != id && o.incremental).map(|o| o.id).collect();
+        let others: Vec<MapId> = self
+            .mappings_of(tgt)
+            .filter(|o| o.id != id && o.incremental)
+            .map(|o| o.id)
+            .collect();
         for o in &others {
             let om = self.mappings.get_mut(o).unwrap();
             if let Some(d) = om.diff.as_mut() {
@@ -303,10 +363,14 @@ impl Engine {
         // target after they were linked) must keep reading it and stay.
         let src_up = self.volumes[&src].up;
         let downs = std::mem::take(&mut self.volumes.get_mut(&src).unwrap().downs);
-        let (moved, kept): (Vec<MapId>, Vec<MapId>) =
-            downs.into_iter().partition(|d| self.mappings[d].link.unwrap().through == src_up);
+        let (moved, kept): (Vec<MapId>, Vec<MapId>) = downs
+            .into_iter()
+            .partition(|d| self.mappings[d].link.unwrap().through == src_up);
         for d in &moved {
-            self.mappings.get_mut(d).unwrap().link = Some(Link { up: tgt, through: Some(id) });
+            self.mappings.get_mut(d).unwrap().link = Some(Link {
+                up: tgt,
+                through: Some(id),
+            });
         }
         self.volumes.get_mut(&tgt).unwrap().downs.extend(moved);
         let s = self.volumes.get_mut(&src).unwrap();
@@ -314,13 +378,18 @@ impl Engine {
         s.downs.push(id);
         self.volumes.get_mut(&tgt).unwrap().up = Some(id);
         let m = self.mappings.get_mut(&id).unwrap();
-        m.link = Some(Link { up: src, through: src_up });
+        m.link = Some(Link {
+            up: src,
+            through: src_up,
+        });
         m.split = split;
     }
 
     /// Removes an active mapping from the cascade; its dependants read through its upstream.
     pub(super) fn unlink(&mut self, id: MapId) {
-        let Some(link) = self.mappings[&id].link else { return };
+        let Some(link) = self.mappings[&id].link else {
+            return;
+        };
         let t = self.mappings[&id].target;
         let mut downs = std::mem::take(&mut self.volumes.get_mut(&t).unwrap().downs);
         // After a restore completes, the restore mapping can read through its own target; it

@@ -8,16 +8,30 @@ fn check_name(name: &str) -> Result<(), EngineError> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && !name.starts_with(|c: char| c.is_ascii_digit())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    if ok { Ok(()) } else { Err(EngineError::InvalidName(name.to_string())) }
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::InvalidName(name.to_string()))
+    }
 }
 
 fn check_rate(r: u8) -> Result<(), EngineError> {
-    if r <= MAX_RATE { Ok(()) } else { Err(EngineError::InvalidRate(r)) }
+    if r <= MAX_RATE {
+        Ok(())
+    } else {
+        Err(EngineError::InvalidRate(r))
+    }
 }
 
 fn bad(m: &Mapping, action: &'static str) -> EngineError {
-    EngineError::BadState { map: m.id, state: m.state, action }
+    EngineError::BadState {
+        map: m.id,
+        state: m.state,
+        action,
+    }
 }
 
 impl Engine {
@@ -130,7 +144,11 @@ impl Engine {
                 self.finish_stopping(*map, ev);
                 Ok(())
             }
-            Op::CreateGroup { id, name, autodelete } => {
+            Op::CreateGroup {
+                id,
+                name,
+                autodelete,
+            } => {
                 if self.groups.len() >= self.limits.groups_total {
                     return Err(EngineError::TooManyGroups(self.groups.len()));
                 }
@@ -143,7 +161,12 @@ impl Engine {
                     return Err(EngineError::NameInUse(name));
                 }
                 self.next_group = id.0 + 1;
-                let g = Group { id: *id, name, autodelete: *autodelete, members: Vec::new() };
+                let g = Group {
+                    id: *id,
+                    name,
+                    autodelete: *autodelete,
+                    members: Vec::new(),
+                };
                 self.groups.insert(*id, g);
                 Ok(())
             }
@@ -159,7 +182,10 @@ impl Engine {
             }
             Op::GroupFlushDone { group } | Op::GroupFlushFailed { group } => {
                 let members = self.group_members(*group, "flush done")?;
-                if members.iter().any(|id| self.mappings[id].state != MapState::Preparing) {
+                if members
+                    .iter()
+                    .any(|id| self.mappings[id].state != MapState::Preparing)
+                {
                     return Err(self.bad_group(*group, "flush done"));
                 }
                 let to = match op {
@@ -173,13 +199,20 @@ impl Engine {
             }
             Op::StartGroup { group, now } => {
                 let members = self.group_members(*group, "start")?;
-                if members.iter().any(|id| self.mappings[id].state != MapState::Prepared) {
+                if members
+                    .iter()
+                    .any(|id| self.mappings[id].state != MapState::Prepared)
+                {
                     return Err(self.bad_group(*group, "start (every member must be prepared)"));
                 }
                 self.start(&members, *now, ev);
                 Ok(())
             }
-            Op::StopGroup { group, force, split } => {
+            Op::StopGroup {
+                group,
+                force,
+                split,
+            } => {
                 let members = self.group_members(*group, "stop")?;
                 let state = self.group_state(*group);
                 let stoppable = [
@@ -193,26 +226,39 @@ impl Engine {
                     // Stop of an idle or stopped group is a no-op, as for a mapping (S0).
                     return Ok(());
                 }
-                if *split {
-                    if let Some(m) = members.iter().map(|id| &self.mappings[id]).find(|m| m.progress() < 100) {
-                        return Err(EngineError::SplitIncomplete(m.id, m.progress()));
-                    }
+                if *split
+                    && let Some(m) = members
+                        .iter()
+                        .map(|id| &self.mappings[id])
+                        .find(|m| m.progress() < 100)
+                {
+                    return Err(EngineError::SplitIncomplete(m.id, m.progress()));
                 }
                 for id in members {
-                    if self.mappings.get(&id).is_some_and(|m| stoppable.contains(&m.state)) {
+                    if self
+                        .mappings
+                        .get(&id)
+                        .is_some_and(|m| stoppable.contains(&m.state))
+                    {
                         self.stop(id, *force, ev);
                     }
                 }
                 Ok(())
             }
             Op::DeleteGroup { group, force } => {
-                let g = self.groups.get(group).ok_or(EngineError::NoSuchGroup(*group))?;
+                let g = self
+                    .groups
+                    .get(group)
+                    .ok_or(EngineError::NoSuchGroup(*group))?;
                 if !g.members.is_empty() {
                     if !force {
                         return Err(EngineError::GroupNotEmpty(*group, g.members.len()));
                     }
                     let st = self.group_state(*group);
-                    if !matches!(st, Some(GroupState::Map(MapState::IdleOrCopied | MapState::Stopped))) {
+                    if !matches!(
+                        st,
+                        Some(GroupState::Map(MapState::IdleOrCopied | MapState::Stopped))
+                    ) {
                         return Err(self.bad_group(*group, "delete (stop it first)"));
                     }
                 }
@@ -235,7 +281,13 @@ impl Engine {
                 if m.diff.is_none() || *grain >= m.grains() {
                     return Err(bad(m, "mark difference"));
                 }
-                self.mappings.get_mut(map).unwrap().diff.as_mut().unwrap().set(*grain);
+                self.mappings
+                    .get_mut(map)
+                    .unwrap()
+                    .diff
+                    .as_mut()
+                    .unwrap()
+                    .set(*grain);
                 Ok(())
             }
         }
@@ -257,14 +309,24 @@ impl Engine {
     fn group_members(&self, id: GroupId, action: &'static str) -> Result<Vec<MapId>, EngineError> {
         let g = self.groups.get(&id).ok_or(EngineError::NoSuchGroup(id))?;
         if g.members.is_empty() {
-            return Err(EngineError::BadGroupState { group: id, state: "empty".into(), action });
+            return Err(EngineError::BadGroupState {
+                group: id,
+                state: "empty".into(),
+                action,
+            });
         }
         Ok(g.members.clone())
     }
 
     fn bad_group(&self, id: GroupId, action: &'static str) -> EngineError {
-        let state = self.group_state(id).map_or("deleted".into(), |s| s.to_string());
-        EngineError::BadGroupState { group: id, state, action }
+        let state = self
+            .group_state(id)
+            .map_or("deleted".into(), |s| s.to_string());
+        EngineError::BadGroupState {
+            group: id,
+            state,
+            action,
+        }
     }
 
     /// The mappings that change state together: the whole group, or the mapping alone.
@@ -278,7 +340,11 @@ impl Engine {
     fn set_state(&mut self, id: MapId, to: MapState, ev: &mut Vec<Event>) {
         let m = self.mappings.get_mut(&id).unwrap();
         if m.state != to {
-            ev.push(Event::MapState { map: id, from: m.state, to });
+            ev.push(Event::MapState {
+                map: id,
+                from: m.state,
+                to,
+            });
             m.state = to;
             if to == MapState::Stopped {
                 // Whatever the target held is no longer a known image.
@@ -309,7 +375,7 @@ impl Engine {
             return Err(EngineError::IdInUse(id.0));
         }
         check_name(name)?;
-        if size == 0 || size % SECTOR != 0 {
+        if size == 0 || !size.is_multiple_of(SECTOR) {
             return Err(EngineError::InvalidSize(size));
         }
         if self.volume_by_name(name).is_some() {
@@ -321,7 +387,14 @@ impl Engine {
     fn create_volume(&mut self, id: VolId, name: &str, size: u64) -> Result<(), EngineError> {
         self.check_create_volume(id, name, size)?;
         self.next_vol = id.0 + 1;
-        let v = Volume { id, name: name.to_string(), size, maps: Vec::new(), up: None, downs: Vec::new() };
+        let v = Volume {
+            id,
+            name: name.to_string(),
+            size,
+            maps: Vec::new(),
+            up: None,
+            downs: Vec::new(),
+        };
         self.volumes.insert(id, v);
         Ok(())
     }
@@ -370,8 +443,14 @@ impl Engine {
         if id.0 < self.next_map {
             return Err(EngineError::IdInUse(id.0));
         }
-        let src = self.volumes.get(&spec.source).ok_or(EngineError::NoSuchVolume(spec.source))?;
-        let tgt = self.volumes.get(&spec.target).ok_or(EngineError::NoSuchVolume(spec.target))?;
+        let src = self
+            .volumes
+            .get(&spec.source)
+            .ok_or(EngineError::NoSuchVolume(spec.source))?;
+        let tgt = self
+            .volumes
+            .get(&spec.target)
+            .ok_or(EngineError::NoSuchVolume(spec.target))?;
         if spec.source == spec.target {
             return Err(EngineError::SameVolume(spec.source));
         }
@@ -393,7 +472,10 @@ impl Engine {
         if let Some(other) = self.mappings_of(tgt.id).find(|m| m.target == tgt.id) {
             return Err(EngineError::TargetInUse(tgt.id, other.id));
         }
-        let per_source = self.mappings_of(src.id).filter(|m| m.source == src.id).count();
+        let per_source = self
+            .mappings_of(src.id)
+            .filter(|m| m.source == src.id)
+            .count();
         if per_source >= self.limits.maps_per_source {
             return Err(EngineError::TooManyMapsForSource(src.id, per_source));
         }
@@ -402,13 +484,26 @@ impl Engine {
         }
         let connected = self.connected(&[src.id, tgt.id]);
         if connected.len() + 1 > self.limits.maps_per_connected_set {
-            return Err(EngineError::ConnectedSetFull(self.limits.maps_per_connected_set));
+            return Err(EngineError::ConnectedSetFull(
+                self.limits.maps_per_connected_set,
+            ));
         }
         // One grain size per connected cascade: the new mapping may join two sets only when
         // they agree, and inherits their size when none is asked for.
-        let inherited = connected.iter().map(|m| &self.mappings[m]).next().map(|m| (m.grain, m.id));
-        let grain = spec.grain.or(inherited.map(|(g, _)| g)).unwrap_or(GrainSize::K256);
-        if let Some(m) = connected.iter().map(|m| &self.mappings[m]).find(|m| m.grain != grain) {
+        let inherited = connected
+            .iter()
+            .map(|m| &self.mappings[m])
+            .next()
+            .map(|m| (m.grain, m.id));
+        let grain = spec
+            .grain
+            .or(inherited.map(|(g, _)| g))
+            .unwrap_or(GrainSize::K256);
+        if let Some(m) = connected
+            .iter()
+            .map(|m| &self.mappings[m])
+            .find(|m| m.grain != grain)
+        {
             return Err(EngineError::GrainSizeConflict {
                 requested: grain.bytes() / 1024,
                 existing: m.grain.bytes() / 1024,
@@ -423,9 +518,16 @@ impl Engine {
             }
         }
         let need = bitmap_bytes(src.size, grain, spec.incremental);
-        let free = self.limits.bitmap_budget_bytes.saturating_sub(self.bitmap_used);
+        let free = self
+            .limits
+            .bitmap_budget_bytes
+            .saturating_sub(self.bitmap_used);
         if need > free {
-            return Err(EngineError::BitmapBudget { need, free, budget: self.limits.bitmap_budget_bytes });
+            return Err(EngineError::BitmapBudget {
+                need,
+                free,
+                budget: self.limits.bitmap_budget_bytes,
+            });
         }
         // All checks passed.
         let grains = grain.grains(src.size);
@@ -468,7 +570,9 @@ impl Engine {
     fn check_group_joinable(&self, g: GroupId) -> Result<(), EngineError> {
         match self.group_state(g) {
             None => Err(EngineError::NoSuchGroup(g)),
-            Some(GroupState::Empty | GroupState::Map(MapState::IdleOrCopied | MapState::Stopped)) => Ok(()),
+            Some(
+                GroupState::Empty | GroupState::Map(MapState::IdleOrCopied | MapState::Stopped),
+            ) => Ok(()),
             Some(s) => Err(EngineError::GroupBusy(g, s.to_string())),
         }
     }
@@ -477,10 +581,11 @@ impl Engine {
         if !matches!(m.state, MapState::IdleOrCopied | MapState::Stopped) {
             return Err(bad(m, "prepare"));
         }
-        if !restore {
-            if let Some(active) = self.active_reader_of(m.target) {
-                return Err(EngineError::TargetIsActiveSource { target: m.target, active });
-            }
+        if !restore && let Some(active) = self.active_reader_of(m.target) {
+            return Err(EngineError::TargetIsActiveSource {
+                target: m.target,
+                active,
+            });
         }
         Ok(())
     }
@@ -489,7 +594,9 @@ impl Engine {
     fn active_reader_of(&self, vol: VolId) -> Option<MapId> {
         let v = &self.volumes[&vol];
         v.downs.first().copied().or_else(|| {
-            self.mappings_of(vol).find(|o| o.source == vol && o.state.is_active()).map(|o| o.id)
+            self.mappings_of(vol)
+                .find(|o| o.source == vol && o.state.is_active())
+                .map(|o| o.id)
         })
     }
 
@@ -606,10 +713,19 @@ impl Engine {
         }
     }
 
-    fn modify(&mut self, id: MapId, c: &MappingChange, ev: &mut Vec<Event>) -> Result<(), EngineError> {
+    fn modify(
+        &mut self,
+        id: MapId,
+        c: &MappingChange,
+        ev: &mut Vec<Event>,
+    ) -> Result<(), EngineError> {
         let m = self.get_map(id)?;
         if let Some(name) = &c.name {
-            if c.copy_rate.is_some() || c.clean_rate.is_some() || c.autodelete.is_some() || c.group.is_some() {
+            if c.copy_rate.is_some()
+                || c.clean_rate.is_some()
+                || c.autodelete.is_some()
+                || c.group.is_some()
+            {
                 return Err(EngineError::NameWithOtherChanges);
             }
             check_name(name)?;
@@ -623,19 +739,19 @@ impl Engine {
         if let Some(r) = c.clean_rate {
             check_rate(r)?;
         }
-        if let Some(new_group) = c.group {
-            if new_group != m.group {
-                if !matches!(m.state, MapState::IdleOrCopied | MapState::Stopped) {
-                    return Err(bad(m, "change of consistency group"));
-                }
-                for g in [m.group, new_group].into_iter().flatten() {
-                    self.check_group_joinable(g)?;
-                }
-                if let Some(g) = new_group {
-                    let n = self.groups[&g].members.len();
-                    if n >= self.limits.maps_per_group {
-                        return Err(EngineError::GroupFull(g, n));
-                    }
+        if let Some(new_group) = c.group
+            && new_group != m.group
+        {
+            if !matches!(m.state, MapState::IdleOrCopied | MapState::Stopped) {
+                return Err(bad(m, "change of consistency group"));
+            }
+            for g in [m.group, new_group].into_iter().flatten() {
+                self.check_group_joinable(g)?;
+            }
+            if let Some(g) = new_group {
+                let n = self.groups[&g].members.len();
+                if n >= self.limits.maps_per_group {
+                    return Err(EngineError::GroupFull(g, n));
                 }
             }
         }
@@ -654,15 +770,15 @@ impl Engine {
         if let Some(a) = c.autodelete {
             m.autodelete = a;
         }
-        if let Some(new_group) = c.group {
-            if new_group != old_group {
-                m.group = new_group;
-                if let Some(g) = new_group {
-                    self.groups.get_mut(&g).unwrap().members.push(id);
-                }
-                if let Some(g) = old_group {
-                    self.leave_group(id, g, ev);
-                }
+        if let Some(new_group) = c.group
+            && new_group != old_group
+        {
+            m.group = new_group;
+            if let Some(g) = new_group {
+                self.groups.get_mut(&g).unwrap().members.push(id);
+            }
+            if let Some(g) = old_group {
+                self.leave_group(id, g, ev);
             }
         }
         // `chfcmap -autodelete on` on a complete mapping deletes it at once.

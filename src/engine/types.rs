@@ -94,7 +94,10 @@ impl MapState {
     ];
     /// Active = participates in the cascade (copying, stopping, suspended).
     pub fn is_active(self) -> bool {
-        matches!(self, MapState::Copying | MapState::Stopping | MapState::Suspended)
+        matches!(
+            self,
+            MapState::Copying | MapState::Stopping | MapState::Suspended
+        )
     }
     /// IBM's name of the state.
     pub fn as_str(self) -> &'static str {

@@ -77,8 +77,9 @@ impl Backend for MemBackend {
     }
     fn open(&self, vol: VolId) -> Result<Arc<dyn BlockStore>, StoreError> {
         let s = self.stores.lock().get(&vol).cloned();
-        s.map(|s| s as Arc<dyn BlockStore>)
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("no store for {vol}")).into())
+        s.map(|s| s as Arc<dyn BlockStore>).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("no store for {vol}")).into()
+        })
     }
     fn remove(&self, vol: VolId) -> Result<(), StoreError> {
         self.stores.lock().remove(&vol);
@@ -100,7 +101,10 @@ pub struct FaultBackend {
 impl FaultBackend {
     /// A backend whose stores crash together at `point`.
     pub fn new(point: Arc<CrashPoint>) -> Self {
-        Self { point, stores: Mutex::default() }
+        Self {
+            point,
+            stores: Mutex::default(),
+        }
     }
     /// The stores as the disk holds them after power loss: each unsynced write kept iff `keep()`.
     /// The new backend never crashes.
@@ -110,9 +114,20 @@ impl FaultBackend {
             .stores
             .lock()
             .iter()
-            .map(|(v, s)| (*v, Arc::new(FaultStore::from_vec_with_crash_point(s.crash_image(keep), point.clone()))))
+            .map(|(v, s)| {
+                (
+                    *v,
+                    Arc::new(FaultStore::from_vec_with_crash_point(
+                        s.crash_image(keep),
+                        point.clone(),
+                    )),
+                )
+            })
             .collect();
-        FaultBackend { point, stores: Mutex::new(stores) }
+        FaultBackend {
+            point,
+            stores: Mutex::new(stores),
+        }
     }
     /// The store of a volume, for inspection.
     pub fn store(&self, vol: VolId) -> Option<Arc<FaultStore>> {
@@ -133,8 +148,9 @@ impl Backend for FaultBackend {
     }
     fn open(&self, vol: VolId) -> Result<Arc<dyn BlockStore>, StoreError> {
         let s = self.stores.lock().get(&vol).cloned();
-        s.map(|s| s as Arc<dyn BlockStore>)
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("no store for {vol}")).into())
+        s.map(|s| s as Arc<dyn BlockStore>).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("no store for {vol}")).into()
+        })
     }
     fn remove(&self, vol: VolId) -> Result<(), StoreError> {
         self.stores.lock().remove(&vol);

@@ -29,18 +29,28 @@ impl Pool {
         let planned = {
             let _gate = self.gate.read();
             let e = self.engine.read();
-            let m = e.mapping(map).ok_or(crate::engine::EngineError::NoSuchMapping(map))?;
+            let m = e
+                .mapping(map)
+                .ok_or(crate::engine::EngineError::NoSuchMapping(map))?;
             if m.state != MapState::Copying {
                 return Ok(Step::Idle);
             }
-            let shape = e.check_io(m.target, 0, 0, false).ok().and_then(|s| s.domain);
+            let shape = e
+                .check_io(m.target, 0, 0, false)
+                .ok()
+                .and_then(|s| s.domain);
             let size = e.volume(m.target).map_or(0, |v| v.size);
-            e.plan_background(map, cursor).map(|p| (p.grain, shape, size, m.grain.bytes()))
+            e.plan_background(map, cursor)
+                .map(|p| (p.grain, shape, size, m.grain.bytes()))
         };
         match planned {
             Some((g, Some((domain, _)), size, gb)) => {
-                let bytes = self.copy_grain(domain, g, gb, size, |e| e.plan_background(map, g).filter(|p| p.grain == g))?;
-                self.stats.background_grains.fetch_add(u64::from(bytes > 0), Ordering::Relaxed);
+                let bytes = self.copy_grain(domain, g, gb, size, |e| {
+                    e.plan_background(map, g).filter(|p| p.grain == g)
+                })?;
+                self.stats
+                    .background_grains
+                    .fetch_add(u64::from(bytes > 0), Ordering::Relaxed);
                 Ok(Step::Copied { next: g + 1, bytes })
             }
             Some(_) => Ok(Step::Idle),
@@ -61,19 +71,32 @@ impl Pool {
         let planned = {
             let _gate = self.gate.read();
             let e = self.engine.read();
-            let m = e.mapping(map).ok_or(crate::engine::EngineError::NoSuchMapping(map))?;
+            let m = e
+                .mapping(map)
+                .ok_or(crate::engine::EngineError::NoSuchMapping(map))?;
             if m.state != MapState::Stopping {
                 return Ok(Step::Idle);
             }
-            let domain = e.check_io(m.source, 0, 0, false).ok().and_then(|s| s.domain);
+            let domain = e
+                .check_io(m.source, 0, 0, false)
+                .ok()
+                .and_then(|s| s.domain);
             let size = e.volume(m.target).map_or(0, |v| v.size);
-            e.plan_clean(map, cursor).map(|p| (p.grain, domain, size, m.grain.bytes()))
+            e.plan_clean(map, cursor)
+                .map(|p| (p.grain, domain, size, m.grain.bytes()))
         };
         match planned {
             Some((g, Some((domain, _)), size, gb)) => {
-                let bytes = self.copy_grain(domain, g, gb, size, |e| e.plan_clean(map, g).filter(|p| p.grain == g))?;
-                self.stats.clean_grains.fetch_add(u64::from(bytes > 0), Ordering::Relaxed);
-                Ok(Step::Copied { next: g.saturating_sub(1), bytes })
+                let bytes = self.copy_grain(domain, g, gb, size, |e| {
+                    e.plan_clean(map, g).filter(|p| p.grain == g)
+                })?;
+                self.stats
+                    .clean_grains
+                    .fetch_add(u64::from(bytes > 0), Ordering::Relaxed);
+                Ok(Step::Copied {
+                    next: g.saturating_sub(1),
+                    bytes,
+                })
             }
             _ => {
                 if !self.engine.read().needs_cleaning(map) {
@@ -97,10 +120,19 @@ impl Pool {
     ) -> Result<u64, VolumeError> {
         let _gate = self.gate.read();
         let _l = self.grain_lock(domain, g).write();
-        let Some(plan) = plan(&self.engine.read()) else { return Ok(0) };
+        let Some(plan) = plan(&self.engine.read()) else {
+            return Ok(0);
+        };
         let dirty = self.run_copies(&plan, gb, size)?;
         let bytes = dirty.len() as u64 * gb.min(size - g * gb);
-        self.committer.commit(&self.engine, Batch { ops: plan.marks, stores: dirty, apply: true })?;
+        self.committer.commit(
+            &self.engine,
+            Batch {
+                ops: plan.marks,
+                stores: dirty,
+                apply: true,
+            },
+        )?;
         Ok(bytes)
     }
 
@@ -116,7 +148,14 @@ impl Pool {
                 return Ok(total);
             }
             let (state, rate) = match self.engine.read().mapping(map) {
-                Some(m) => (m.state, if m.state == MapState::Stopping { m.clean_rate } else { m.copy_rate }),
+                Some(m) => (
+                    m.state,
+                    if m.state == MapState::Stopping {
+                        m.clean_rate
+                    } else {
+                        m.copy_rate
+                    },
+                ),
                 None => return Ok(total),
             };
             let step = match state {
@@ -164,7 +203,11 @@ pub struct RateLimiter {
 impl RateLimiter {
     /// A limiter at `bytes_per_sec` (0 = unlimited).
     pub fn new(bytes_per_sec: u64) -> Self {
-        Self { rate: bytes_per_sec, start: Instant::now(), spent: 0 }
+        Self {
+            rate: bytes_per_sec,
+            start: Instant::now(),
+            spent: 0,
+        }
     }
     /// Changes the rate; the bucket restarts so the new rate applies from now.
     pub fn set_rate(&mut self, bytes_per_sec: u64) {

@@ -21,7 +21,8 @@ pub use backend::{Backend, DirBackend, FaultBackend, MemBackend};
 pub use copier::{RateLimiter, Step};
 
 use crate::engine::{
-    Engine, EngineError, Event, GroupId, Limits, MapId, MapState, MappingChange, MappingSpec, Op, VolId,
+    Engine, EngineError, Event, GroupId, Limits, MapId, MapState, MappingChange, MappingSpec, Op,
+    VolId,
 };
 use crate::meta::{Journal, MetaError, MetaFiles};
 use crate::store::{BlockStore, StoreError};
@@ -75,7 +76,10 @@ pub struct PoolConfig {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        Self { limits: Limits::default(), checkpoint_after: 64 << 20 }
+        Self {
+            limits: Limits::default(),
+            checkpoint_after: 64 << 20,
+        }
     }
 }
 
@@ -116,12 +120,16 @@ pub struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("backend", &self.backend).finish_non_exhaustive()
+        f.debug_struct("Pool")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
     }
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Pool {
@@ -135,15 +143,21 @@ impl Pool {
     /// Opens a pool: recovers the engine from the newest checkpoint plus the journal, opens every
     /// volume's store, removes stores left by interrupted creates, and finishes interrupted
     /// prepares.
-    pub fn open(files: MetaFiles, backend: Arc<dyn Backend>, cfg: PoolConfig) -> Result<Self, VolumeError> {
+    pub fn open(
+        files: MetaFiles,
+        backend: Arc<dyn Backend>,
+        cfg: PoolConfig,
+    ) -> Result<Self, VolumeError> {
         let (journal, rec) = Journal::open(files)?;
         let mut engine = match &rec.checkpoint {
-            Some(bytes) => bincode::deserialize(bytes)
-                .map_err(|e| VolumeError::Decode(format!("checkpoint generation {}: {e}", rec.generation)))?,
+            Some(bytes) => bincode::deserialize(bytes).map_err(|e| {
+                VolumeError::Decode(format!("checkpoint generation {}: {e}", rec.generation))
+            })?,
             None => Engine::new(cfg.limits.clone()),
         };
         for (i, r) in rec.records.iter().enumerate() {
-            let op: Op = bincode::deserialize(r).map_err(|e| VolumeError::Decode(format!("journal record {i}: {e}")))?;
+            let op: Op = bincode::deserialize(r)
+                .map_err(|e| VolumeError::Decode(format!("journal record {i}: {e}")))?;
             if let Err(e) = engine.apply(&op) {
                 tracing::warn!(?op, error = %e, "journal op rejected on replay");
             }
@@ -151,7 +165,9 @@ impl Pool {
         engine.set_limits(cfg.limits.clone());
         let mut stores = BTreeMap::new();
         for v in engine.volumes() {
-            let s = backend.open(v.id).map_err(|source| VolumeError::MissingStore { vol: v.id, source })?;
+            let s = backend
+                .open(v.id)
+                .map_err(|source| VolumeError::MissingStore { vol: v.id, source })?;
             stores.insert(v.id, s);
         }
         for orphan in backend.list()? {
@@ -182,8 +198,17 @@ impl Pool {
         let (maps, groups): (Vec<MapId>, Vec<GroupId>) = {
             let e = self.engine.read();
             let preparing = |m: &&crate::engine::Mapping| m.state == MapState::Preparing;
-            let maps = e.mappings().filter(preparing).filter(|m| m.group.is_none()).map(|m| m.id).collect();
-            let mut groups: Vec<GroupId> = e.mappings().filter(preparing).filter_map(|m| m.group).collect();
+            let maps = e
+                .mappings()
+                .filter(preparing)
+                .filter(|m| m.group.is_none())
+                .map(|m| m.id)
+                .collect();
+            let mut groups: Vec<GroupId> = e
+                .mappings()
+                .filter(preparing)
+                .filter_map(|m| m.group)
+                .collect();
             groups.dedup();
             (maps, groups)
         };
@@ -191,8 +216,17 @@ impl Pool {
             self.flush_sources(&[m], Op::FlushDone { map: m }, Op::FlushFailed { map: m })?;
         }
         for g in groups {
-            let members = self.engine.read().group(g).map(|g| g.members.clone()).unwrap_or_default();
-            self.flush_sources(&members, Op::GroupFlushDone { group: g }, Op::GroupFlushFailed { group: g })?;
+            let members = self
+                .engine
+                .read()
+                .group(g)
+                .map(|g| g.members.clone())
+                .unwrap_or_default();
+            self.flush_sources(
+                &members,
+                Op::GroupFlushDone { group: g },
+                Op::GroupFlushFailed { group: g },
+            )?;
         }
         Ok(())
     }
@@ -241,7 +275,14 @@ impl Pool {
                 }
             }
         }
-        self.committer.commit(&self.engine, Batch { ops: applied, stores: Vec::new(), apply: false })?;
+        self.committer.commit(
+            &self.engine,
+            Batch {
+                ops: applied,
+                stores: Vec::new(),
+                apply: false,
+            },
+        )?;
         Ok((events, t0.elapsed()))
     }
 
@@ -251,10 +292,18 @@ impl Pool {
         let id = self.engine.read().next_volume_id();
         // Validate before touching the backend; the store exists before the op is durable, so a
         // crash in between leaves only an orphan store, removed on open.
-        self.engine.read().check_volume_op(&Op::CreateVolume { id, name: name.into(), size })?;
+        self.engine.read().check_volume_op(&Op::CreateVolume {
+            id,
+            name: name.into(),
+            size,
+        })?;
         let store = self.backend.create(id, size)?;
         self.stores.write().insert(id, store);
-        match self.control_locked(&[Op::CreateVolume { id, name: name.into(), size }]) {
+        match self.control_locked(&[Op::CreateVolume {
+            id,
+            name: name.into(),
+            size,
+        }]) {
             Ok(_) => Ok(id),
             Err(e) => {
                 self.stores.write().remove(&id);
@@ -276,8 +325,15 @@ impl Pool {
     /// Resizes a volume that no mapping uses.
     pub fn resize_volume(&self, vol: VolId, size: u64) -> Result<(), VolumeError> {
         let _c = self.control.lock();
-        let old = self.engine.read().volume(vol).map(|v| v.size).ok_or(EngineError::NoSuchVolume(vol))?;
-        self.engine.read().check_volume_op(&Op::ResizeVolume { id: vol, size })?;
+        let old = self
+            .engine
+            .read()
+            .volume(vol)
+            .map(|v| v.size)
+            .ok_or(EngineError::NoSuchVolume(vol))?;
+        self.engine
+            .read()
+            .check_volume_op(&Op::ResizeVolume { id: vol, size })?;
         let store = self.store(vol);
         store.resize(size)?;
         store.flush()?;
@@ -297,7 +353,11 @@ impl Pool {
     }
 
     /// `chfcmap`.
-    pub fn modify_mapping(&self, map: MapId, change: MappingChange) -> Result<Vec<Event>, VolumeError> {
+    pub fn modify_mapping(
+        &self,
+        map: MapId,
+        change: MappingChange,
+    ) -> Result<Vec<Event>, VolumeError> {
         self.control(&[Op::Modify { map, change }])
     }
 
@@ -307,21 +367,43 @@ impl Pool {
     }
 
     /// `stopfcmap`.
-    pub fn stop_mapping(&self, map: MapId, force: bool, split: bool) -> Result<Vec<Event>, VolumeError> {
+    pub fn stop_mapping(
+        &self,
+        map: MapId,
+        force: bool,
+        split: bool,
+    ) -> Result<Vec<Event>, VolumeError> {
         self.control(&[Op::Stop { map, force, split }])
     }
 
     /// `mkfcconsistgrp`.
-    pub fn create_group(&self, name: Option<&str>, autodelete: bool) -> Result<GroupId, VolumeError> {
+    pub fn create_group(
+        &self,
+        name: Option<&str>,
+        autodelete: bool,
+    ) -> Result<GroupId, VolumeError> {
         let _c = self.control.lock();
         let id = self.engine.read().next_group_id();
-        self.control_locked(&[Op::CreateGroup { id, name: name.map(Into::into), autodelete }])?;
+        self.control_locked(&[Op::CreateGroup {
+            id,
+            name: name.map(Into::into),
+            autodelete,
+        }])?;
         Ok(id)
     }
 
     /// `stopfcconsistgrp`.
-    pub fn stop_group(&self, group: GroupId, force: bool, split: bool) -> Result<Vec<Event>, VolumeError> {
-        self.control(&[Op::StopGroup { group, force, split }])
+    pub fn stop_group(
+        &self,
+        group: GroupId,
+        force: bool,
+        split: bool,
+    ) -> Result<Vec<Event>, VolumeError> {
+        self.control(&[Op::StopGroup {
+            group,
+            force,
+            split,
+        }])
     }
 
     /// `rmfcconsistgrp`.
@@ -330,10 +412,18 @@ impl Pool {
     }
 
     /// Flushes the sources of `maps` (prepare step 1), then applies `done` or `failed`.
-    fn flush_sources(&self, maps: &[MapId], done: Op, failed: Op) -> Result<Vec<Event>, VolumeError> {
+    fn flush_sources(
+        &self,
+        maps: &[MapId],
+        done: Op,
+        failed: Op,
+    ) -> Result<Vec<Event>, VolumeError> {
         let sources: Vec<VolId> = {
             let e = self.engine.read();
-            maps.iter().filter_map(|m| e.mapping(*m)).map(|m| m.source).collect()
+            maps.iter()
+                .filter_map(|m| e.mapping(*m))
+                .map(|m| m.source)
+                .collect()
         };
         let res: Result<(), StoreError> = sources.iter().try_for_each(|v| self.store(*v).flush());
         match res {
@@ -360,31 +450,77 @@ impl Pool {
         self.prepare_group_locked(group, restore)
     }
 
-    fn prepare_group_locked(&self, group: GroupId, restore: bool) -> Result<Vec<Event>, VolumeError> {
-        let mut ev = self.control_locked(&[Op::PrepareGroup { group, restore }])?.0;
-        let members = self.engine.read().group(group).map(|g| g.members.clone()).unwrap_or_default();
-        ev.extend(self.flush_sources(&members, Op::GroupFlushDone { group }, Op::GroupFlushFailed { group })?);
+    fn prepare_group_locked(
+        &self,
+        group: GroupId,
+        restore: bool,
+    ) -> Result<Vec<Event>, VolumeError> {
+        let mut ev = self
+            .control_locked(&[Op::PrepareGroup { group, restore }])?
+            .0;
+        let members = self
+            .engine
+            .read()
+            .group(group)
+            .map(|g| g.members.clone())
+            .unwrap_or_default();
+        ev.extend(self.flush_sources(
+            &members,
+            Op::GroupFlushDone { group },
+            Op::GroupFlushFailed { group },
+        )?);
         Ok(ev)
     }
 
     /// `startfcmap [-prep] [-restore]`.
-    pub fn start_mapping(&self, map: MapId, prep: bool, restore: bool) -> Result<StartReport, VolumeError> {
+    pub fn start_mapping(
+        &self,
+        map: MapId,
+        prep: bool,
+        restore: bool,
+    ) -> Result<StartReport, VolumeError> {
         let _c = self.control.lock();
         let mut events = Vec::new();
         if prep {
-            let state = self.engine.read().mapping(map).map(|m| m.state).ok_or(EngineError::NoSuchMapping(map))?;
+            let state = self
+                .engine
+                .read()
+                .mapping(map)
+                .map(|m| m.state)
+                .ok_or(EngineError::NoSuchMapping(map))?;
             if state == MapState::Prepared {
                 return Err(VolumeError::AlreadyPrepared(map));
             }
             events.extend(self.control_locked(&[Op::Prepare { map, restore }])?.0);
-            events.extend(self.flush_sources(&[map], Op::FlushDone { map }, Op::FlushFailed { map })?);
+            events.extend(self.flush_sources(
+                &[map],
+                Op::FlushDone { map },
+                Op::FlushFailed { map },
+            )?);
         }
-        let source = self.engine.read().mapping(map).map(|m| m.source).ok_or(EngineError::NoSuchMapping(map))?;
-        self.start_locked(&[source], Op::Start { map, now: now_secs() }, events)
+        let source = self
+            .engine
+            .read()
+            .mapping(map)
+            .map(|m| m.source)
+            .ok_or(EngineError::NoSuchMapping(map))?;
+        self.start_locked(
+            &[source],
+            Op::Start {
+                map,
+                now: now_secs(),
+            },
+            events,
+        )
     }
 
     /// `startfcconsistgrp [-prep] [-restore]`: every member's point in time is the same instant.
-    pub fn start_group(&self, group: GroupId, prep: bool, restore: bool) -> Result<StartReport, VolumeError> {
+    pub fn start_group(
+        &self,
+        group: GroupId,
+        prep: bool,
+        restore: bool,
+    ) -> Result<StartReport, VolumeError> {
         let _c = self.control.lock();
         let mut events = Vec::new();
         if prep {
@@ -393,35 +529,65 @@ impl Pool {
         let sources: Vec<VolId> = {
             let e = self.engine.read();
             let g = e.group(group).ok_or(EngineError::NoSuchGroup(group))?;
-            g.members.iter().filter_map(|m| e.mapping(*m)).map(|m| m.source).collect()
+            g.members
+                .iter()
+                .filter_map(|m| e.mapping(*m))
+                .map(|m| m.source)
+                .collect()
         };
-        self.start_locked(&sources, Op::StartGroup { group, now: now_secs() }, events)
+        self.start_locked(
+            &sources,
+            Op::StartGroup {
+                group,
+                now: now_secs(),
+            },
+            events,
+        )
     }
 
     /// The trigger (FLASHCOPY.md §4.2): pause and drain I/O, make every write completed so far
     /// durable on the sources, switch, resume.
-    fn start_locked(&self, sources: &[VolId], op: Op, mut events: Vec<Event>) -> Result<StartReport, VolumeError> {
+    fn start_locked(
+        &self,
+        sources: &[VolId],
+        op: Op,
+        mut events: Vec<Event>,
+    ) -> Result<StartReport, VolumeError> {
         let t0 = Instant::now();
         let gate = self.gate.write();
         for v in sources {
             self.store(*v).flush()?;
         }
         let ev = self.engine.write().apply(&op)?;
-        self.committer.commit(&self.engine, Batch { ops: vec![op], stores: Vec::new(), apply: false })?;
+        self.committer.commit(
+            &self.engine,
+            Batch {
+                ops: vec![op],
+                stores: Vec::new(),
+                apply: false,
+            },
+        )?;
         drop(gate);
         events.extend(ev);
-        Ok(StartReport { pause: t0.elapsed(), events })
+        Ok(StartReport {
+            pause: t0.elapsed(),
+            events,
+        })
     }
 
     fn grain_lock(&self, domain: VolId, grain: u64) -> &RwLock<()> {
-        let h = domain.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ grain.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+        let h = domain.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ grain.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
         &self.grain_locks[(h >> 17) as usize % LOCK_SHARDS]
     }
 
     /// Reads `buf.len()` bytes of `vol` at `offset`.
     pub fn read(&self, vol: VolId, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
         let _gate = self.gate.read();
-        let shape = self.engine.read().check_io(vol, offset, buf.len() as u64, false)?;
+        let shape = self
+            .engine
+            .read()
+            .check_io(vol, offset, buf.len() as u64, false)?;
         let Some((domain, grain)) = shape.domain else {
             return Ok(self.store(vol).read_at(buf, offset)?);
         };
@@ -445,7 +611,10 @@ impl Pool {
         let _gate = self.gate.read();
         let (shape, size) = {
             let e = self.engine.read();
-            (e.check_io(vol, offset, data.len() as u64, true)?, e.volume(vol).map_or(0, |v| v.size))
+            (
+                e.check_io(vol, offset, data.len() as u64, true)?,
+                e.volume(vol).map_or(0, |v| v.size),
+            )
         };
         let own = self.store(vol);
         let Some((domain, grain)) = shape.domain else {
@@ -462,7 +631,9 @@ impl Pool {
             let _l = self.grain_lock(domain, g).write();
             let plan = self.engine.read().plan_write(vol, g, whole);
             let mut dirty = self.run_copies(&plan, gb, size)?;
-            self.stats.cow_grains.fetch_add(plan.copies.len() as u64, Ordering::Relaxed);
+            self.stats
+                .cow_grains
+                .fetch_add(plan.copies.len() as u64, Ordering::Relaxed);
             if plan.visible {
                 self.commit_marks(plan.marks, dirty)?;
                 own.write_at(piece, range.start)?;
@@ -478,12 +649,20 @@ impl Pool {
     /// Makes every completed write to `vol` durable.
     pub fn flush(&self, vol: VolId) -> Result<(), VolumeError> {
         let _gate = self.gate.read();
-        self.engine.read().volume(vol).ok_or(EngineError::NoSuchVolume(vol))?;
+        self.engine
+            .read()
+            .volume(vol)
+            .ok_or(EngineError::NoSuchVolume(vol))?;
         Ok(self.store(vol).flush()?)
     }
 
     /// Executes a plan's copies in order; returns the stores written.
-    fn run_copies(&self, plan: &crate::engine::GrainPlan, gb: u64, size: u64) -> Result<Vec<Arc<dyn BlockStore>>, VolumeError> {
+    fn run_copies(
+        &self,
+        plan: &crate::engine::GrainPlan,
+        gb: u64,
+        size: u64,
+    ) -> Result<Vec<Arc<dyn BlockStore>>, VolumeError> {
         let start = plan.grain * gb;
         let len = (gb.min(size - start)) as usize;
         let mut buf = vec![0u8; if plan.copies.is_empty() { 0 } else { len }];
@@ -500,11 +679,22 @@ impl Pool {
         Ok(dirty)
     }
 
-    fn commit_marks(&self, marks: Vec<Op>, stores: Vec<Arc<dyn BlockStore>>) -> Result<(), VolumeError> {
+    fn commit_marks(
+        &self,
+        marks: Vec<Op>,
+        stores: Vec<Arc<dyn BlockStore>>,
+    ) -> Result<(), VolumeError> {
         if marks.is_empty() {
             return Ok(());
         }
-        self.committer.commit(&self.engine, Batch { ops: marks, stores, apply: true })
+        self.committer.commit(
+            &self.engine,
+            Batch {
+                ops: marks,
+                stores,
+                apply: true,
+            },
+        )
     }
 
     /// Writes a checkpoint of the metadata now (clean shutdown).
@@ -515,7 +705,11 @@ impl Pool {
 }
 
 /// Splits `offset..offset+len` at grain boundaries: (grain index, byte range).
-fn grain_segments(offset: u64, len: u64, gb: u64) -> impl Iterator<Item = (u64, std::ops::Range<u64>)> {
+fn grain_segments(
+    offset: u64,
+    len: u64,
+    gb: u64,
+) -> impl Iterator<Item = (u64, std::ops::Range<u64>)> {
     let end = offset + len;
     let mut pos = offset;
     std::iter::from_fn(move || {
