@@ -55,6 +55,13 @@ pub struct Volume {
     up: Option<MapId>,
     /// Active mappings whose link points at this volume.
     downs: Vec<MapId>,
+    /// Derived after every command (so the I/O path costs the same with 1 or 256 mappings):
+    /// the lock domain of the connected set and its grain size.
+    domain: Option<(VolId, GrainSize)>,
+    /// Derived: why host I/O must fail now, if it must.
+    offline: Option<String>,
+    /// Derived: incremental mappings that record writes to this volume.
+    recorders: Vec<MapId>,
 }
 
 /// Where an active mapping's target reads unsplit grains from.
@@ -485,6 +492,22 @@ impl Engine {
     pub fn apply(&mut self, op: &Op) -> Result<Vec<Event>, EngineError> {
         let mut ev = Vec::new();
         self.apply_inner(op, &mut ev)?;
+        match op {
+            // A split can bring the target of a stopping mapping online (100% copied).
+            Op::MarkSplit { map, .. } => {
+                if let Some(m) = self
+                    .mappings
+                    .get(map)
+                    .filter(|m| m.state == MapState::Stopping)
+                {
+                    let t = m.target;
+                    let why = self.offline_reason(t);
+                    self.volumes.get_mut(&t).unwrap().offline = why;
+                }
+            }
+            Op::MarkDiff { .. } => {}
+            _ => self.refresh_derived(),
+        }
         Ok(ev)
     }
 }

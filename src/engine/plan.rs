@@ -2,7 +2,7 @@
 //! (FLASHCOPY.md §3). Nothing here moves bytes; the volume layer executes the plans.
 
 use super::*;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// One grain copy: read the grain from `from`'s store, write it to `to`'s store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,13 +44,7 @@ pub struct IoShape {
 
 impl Engine {
     /// Checks that `vol` is online and `offset+len` inside it, and says how to do the I/O.
-    pub fn check_io(
-        &self,
-        vol: VolId,
-        offset: u64,
-        len: u64,
-        write: bool,
-    ) -> Result<IoShape, EngineError> {
+    pub fn check_io(&self, vol: VolId, offset: u64, len: u64) -> Result<IoShape, EngineError> {
         let v = self
             .volumes
             .get(&vol)
@@ -63,38 +57,68 @@ impl Engine {
                 size: v.size,
             });
         }
-        if let Some(reason) = self.offline_reason(vol, write) {
-            return Err(EngineError::VolumeOffline { vol, reason });
+        if let Some(reason) = &v.offline {
+            return Err(EngineError::VolumeOffline {
+                vol,
+                reason: reason.clone(),
+            });
         }
-        let domain = self.volume_domain(vol);
-        Ok(IoShape { domain })
+        Ok(IoShape { domain: v.domain })
     }
 
-    /// The lock domain of a volume: the lowest volume id of its connected set, and its grain.
-    fn volume_domain(&self, vol: VolId) -> Option<(VolId, GrainSize)> {
-        let v = &self.volumes[&vol];
-        let first = v.maps.first()?;
-        let grain = self.mappings[first].grain;
-        // Connected sets are small (at most 256 mappings); the lowest id names the set.
-        let mut lowest = vol;
-        let mut seen = BTreeSet::from([vol]);
-        let mut todo = vec![vol];
-        while let Some(x) = todo.pop() {
-            for m in &self.volumes[&x].maps {
-                let m = &self.mappings[m];
-                for w in [m.source, m.target] {
-                    if seen.insert(w) {
-                        lowest = lowest.min(w);
-                        todo.push(w);
+    /// The lock domain of a volume (one per connected set of mappings) and its grain size;
+    /// `None` when no mapping uses the volume.
+    pub fn lock_domain(&self, vol: VolId) -> Option<(VolId, GrainSize)> {
+        self.volumes.get(&vol).and_then(|v| v.domain)
+    }
+
+    /// Recomputes the per-volume facts the I/O path reads: lock domains (the lowest volume id
+    /// of each connected set), offline reasons and the incremental mappings to record into.
+    pub(super) fn refresh_derived(&mut self) {
+        let mut domain: BTreeMap<VolId, (VolId, GrainSize)> = BTreeMap::new();
+        for (&id, v) in &self.volumes {
+            let Some(first) = v.maps.first() else {
+                continue;
+            };
+            if domain.contains_key(&id) {
+                continue;
+            }
+            let grain = self.mappings[first].grain;
+            let mut members = vec![id];
+            let mut todo = vec![id];
+            while let Some(x) = todo.pop() {
+                for m in &self.volumes[&x].maps {
+                    let m = &self.mappings[m];
+                    for w in [m.source, m.target] {
+                        if !members.contains(&w) {
+                            members.push(w);
+                            todo.push(w);
+                        }
                     }
                 }
             }
+            // `id` is the lowest id of its set: volumes are visited in id order.
+            for w in members {
+                domain.insert(w, (id, grain));
+            }
         }
-        Some((lowest, grain))
+        let ids: Vec<VolId> = self.volumes.keys().copied().collect();
+        for id in ids {
+            let offline = self.offline_reason(id);
+            let recorders = self
+                .mappings_of(id)
+                .filter(|m| m.diff.is_some())
+                .map(|m| m.id)
+                .collect();
+            let v = self.volumes.get_mut(&id).unwrap();
+            v.domain = domain.get(&id).copied();
+            v.offline = offline;
+            v.recorders = recorders;
+        }
     }
 
     /// Why host I/O to `vol` must fail now (FLASHCOPY.md §2.1), if it must.
-    fn offline_reason(&self, vol: VolId, _write: bool) -> Option<String> {
+    pub(super) fn offline_reason(&self, vol: VolId) -> Option<String> {
         for m in self.mappings_of(vol) {
             let as_target = m.target == vol;
             let why = match m.state {

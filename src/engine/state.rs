@@ -394,6 +394,9 @@ impl Engine {
             maps: Vec::new(),
             up: None,
             downs: Vec::new(),
+            domain: None,
+            offline: None,
+            recorders: Vec::new(),
         };
         self.volumes.insert(id, v);
         Ok(())

@@ -35,10 +35,7 @@ impl Pool {
             if m.state != MapState::Copying {
                 return Ok(Step::Idle);
             }
-            let shape = e
-                .check_io(m.target, 0, 0, false)
-                .ok()
-                .and_then(|s| s.domain);
+            let shape = e.lock_domain(m.target);
             let size = e.volume(m.target).map_or(0, |v| v.size);
             e.plan_background(map, cursor)
                 .map(|p| (p.grain, shape, size, m.grain.bytes()))
@@ -77,10 +74,7 @@ impl Pool {
             if m.state != MapState::Stopping {
                 return Ok(Step::Idle);
             }
-            let domain = e
-                .check_io(m.source, 0, 0, false)
-                .ok()
-                .and_then(|s| s.domain);
+            let domain = e.lock_domain(m.target);
             let size = e.volume(m.target).map_or(0, |v| v.size);
             e.plan_clean(map, cursor)
                 .map(|p| (p.grain, domain, size, m.grain.bytes()))

@@ -584,10 +584,7 @@ impl Pool {
     /// Reads `buf.len()` bytes of `vol` at `offset`.
     pub fn read(&self, vol: VolId, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
         let _gate = self.gate.read();
-        let shape = self
-            .engine
-            .read()
-            .check_io(vol, offset, buf.len() as u64, false)?;
+        let shape = self.engine.read().check_io(vol, offset, buf.len() as u64)?;
         let Some((domain, grain)) = shape.domain else {
             return Ok(self.store(vol).read_at(buf, offset)?);
         };
@@ -612,7 +609,7 @@ impl Pool {
         let (shape, size) = {
             let e = self.engine.read();
             (
-                e.check_io(vol, offset, data.len() as u64, true)?,
+                e.check_io(vol, offset, data.len() as u64)?,
                 e.volume(vol).map_or(0, |v| v.size),
             )
         };
