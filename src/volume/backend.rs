@@ -39,7 +39,11 @@ impl DirBackend {
 
 impl Backend for DirBackend {
     fn create(&self, vol: VolId, size: u64) -> Result<Arc<dyn BlockStore>, StoreError> {
-        Ok(Arc::new(FileStore::create(self.path(vol), size)?))
+        let store = FileStore::create(self.path(vol), size)?;
+        // The file and its size must be durable before the journal names the volume.
+        store.flush()?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        Ok(Arc::new(store))
     }
     fn open(&self, vol: VolId) -> Result<Arc<dyn BlockStore>, StoreError> {
         Ok(Arc::new(FileStore::open(self.path(vol))?))

@@ -168,6 +168,13 @@ impl Pool {
             let s = backend
                 .open(v.id)
                 .map_err(|source| VolumeError::MissingStore { vol: v.id, source })?;
+            if s.len() != v.size {
+                // A resize whose journal record did not persist (or did, before the store's
+                // size did): the metadata is the truth.
+                tracing::warn!(vol = %v.id, store = s.len(), size = v.size, "store size differs from metadata; resizing the store");
+                s.resize(v.size)?;
+                s.flush()?;
+            }
             stores.insert(v.id, s);
         }
         for orphan in backend.list()? {
@@ -306,8 +313,12 @@ impl Pool {
         }]) {
             Ok(_) => Ok(id),
             Err(e) => {
-                self.stores.write().remove(&id);
-                let _ = self.backend.remove(id);
+                // Only a rejection proves the op is not in the journal; after an I/O failure it
+                // may be, so the store stays and `open` removes it if the op did not persist.
+                if matches!(e, VolumeError::Engine(_)) {
+                    self.stores.write().remove(&id);
+                    let _ = self.backend.remove(id);
+                }
                 Err(e)
             }
         }
@@ -338,7 +349,10 @@ impl Pool {
         store.resize(size)?;
         store.flush()?;
         if let Err(e) = self.control_locked(&[Op::ResizeVolume { id: vol, size }]) {
-            let _ = store.resize(old);
+            // After an I/O failure the op may be durable; `open` reconciles the store's size.
+            if matches!(e, VolumeError::Engine(_)) {
+                let _ = store.resize(old);
+            }
             return Err(e);
         }
         Ok(())
