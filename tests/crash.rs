@@ -361,7 +361,7 @@ fn every_snapshot_survives_a_crash_at_any_point() {
             if i % 2 == 0 {
                 run.crash_and_check(&mut || false, &what);
             } else {
-                run.crash_and_check(&mut || r2.next() % 2 == 0, &what);
+                run.crash_and_check(&mut || r2.next().is_multiple_of(2), &what);
             }
             checked += 1;
         }
