@@ -12,6 +12,8 @@
 //! - [`meta`]: the crash-safe metadata journal and checkpoints.
 //! - [`volume`]: executes engine plans against stores with per-grain locking and group commit.
 
+pub mod cli;
+pub mod demo;
 pub mod engine;
 pub mod meta;
 pub mod store;

@@ -72,12 +72,29 @@ impl Engine {
         self.volumes.get(&vol).and_then(|v| v.domain)
     }
 
+    /// Volumes directly related to `vol`, with the mapping that relates them: both ends of its
+    /// own mappings, and the volumes those mappings (and the ones linked below `vol`) read
+    /// through. Links count because a mapping can keep reading through a volume after the
+    /// mapping that put it there was deleted.
+    pub(super) fn neighbours(&self, vol: VolId) -> Vec<(MapId, VolId)> {
+        let v = &self.volumes[&vol];
+        let mut out = Vec::new();
+        for id in v.maps.iter().chain(&v.downs) {
+            let m = &self.mappings[id];
+            out.extend([(*id, m.source), (*id, m.target)]);
+            if let Some(l) = m.link {
+                out.push((*id, l.up));
+            }
+        }
+        out
+    }
+
     /// Recomputes the per-volume facts the I/O path reads: lock domains (the lowest volume id
     /// of each connected set), offline reasons and the incremental mappings to record into.
     pub(super) fn refresh_derived(&mut self) {
         let mut domain: BTreeMap<VolId, (VolId, GrainSize)> = BTreeMap::new();
         for (&id, v) in &self.volumes {
-            let Some(first) = v.maps.first() else {
+            let Some(first) = v.maps.first().or(v.downs.first()) else {
                 continue;
             };
             if domain.contains_key(&id) {
@@ -87,13 +104,10 @@ impl Engine {
             let mut members = vec![id];
             let mut todo = vec![id];
             while let Some(x) = todo.pop() {
-                for m in &self.volumes[&x].maps {
-                    let m = &self.mappings[m];
-                    for w in [m.source, m.target] {
-                        if !members.contains(&w) {
-                            members.push(w);
-                            todo.push(w);
-                        }
+                for (_, w) in self.neighbours(x) {
+                    if !members.contains(&w) {
+                        members.push(w);
+                        todo.push(w);
                     }
                 }
             }
@@ -383,13 +397,17 @@ impl Engine {
             }
         }
         // Older mappings of the source move below the new target, which holds exactly the
-        // source's image now; those that read the source's own data (a restore made it a
-        // target after they were linked) must keep reading it and stay.
+        // source's image now, so a source write copies a grain once whatever the number of
+        // snapshots. Those that read the source's own data (a restore made it a target after
+        // they were linked) must keep reading it and stay. A mapping with background copy (a
+        // clone, a restore) takes over no one: it is meant to complete, and a copy-rate-0
+        // snapshot reading through it would keep it from ever completing.
+        let takes_over = self.mappings[&id].copy_rate == 0;
         let src_up = self.volumes[&src].up;
         let downs = std::mem::take(&mut self.volumes.get_mut(&src).unwrap().downs);
         let (moved, kept): (Vec<MapId>, Vec<MapId>) = downs
             .into_iter()
-            .partition(|d| self.mappings[d].link.unwrap().through == src_up);
+            .partition(|d| takes_over && self.mappings[d].link.unwrap().through == src_up);
         for d in &moved {
             self.mappings.get_mut(d).unwrap().link = Some(Link {
                 up: tgt,

@@ -91,7 +91,11 @@ impl Engine {
             Op::Modify { map, change } => self.modify(*map, change, ev),
             Op::IoError { map } => {
                 let m = self.get_map(*map)?;
-                if !matches!(m.state, MapState::Copying | MapState::Stopping) {
+                // §2.3: an I/O error stops a preparing, copying or stopping mapping.
+                if !matches!(
+                    m.state,
+                    MapState::Preparing | MapState::Copying | MapState::Stopping
+                ) {
                     return Err(bad(m, "I/O error"));
                 }
                 // §4.4: the group is the unit of state, so every member stops.
@@ -118,6 +122,11 @@ impl Engine {
             }
             Op::BitmapOnline { map } => {
                 let m = self.get_map(*map)?;
+                // §2.3: n/a while copying or stopping (metadata loss there means suspended),
+                // except to clear a flag left by a BitmapOffline before the mapping started.
+                if matches!(m.state, MapState::Copying | MapState::Stopping) && !m.bitmap_offline {
+                    return Err(bad(m, "bitmap online"));
+                }
                 if m.state == MapState::Suspended {
                     let back = m.suspended_from.unwrap_or(MapState::Copying);
                     self.mappings.get_mut(map).unwrap().suspended_from = None;
@@ -404,7 +413,9 @@ impl Engine {
 
     fn volume_unused(&self, id: VolId) -> Result<&Volume, EngineError> {
         let v = self.volumes.get(&id).ok_or(EngineError::NoSuchVolume(id))?;
-        match v.maps.first() {
+        // A volume is in use while a mapping names it, or while an older snapshot still reads
+        // through it after its own mapping was deleted.
+        match v.maps.first().or(v.downs.first()) {
             Some(m) => Err(EngineError::VolumeInUse(id, *m)),
             None => Ok(v),
         }
@@ -428,14 +439,10 @@ impl Engine {
         let mut todo: Vec<VolId> = start.to_vec();
         let mut maps = BTreeSet::new();
         while let Some(v) = todo.pop() {
-            for m in &self.volumes[&v].maps {
-                if maps.insert(*m) {
-                    let m = &self.mappings[m];
-                    for w in [m.source, m.target] {
-                        if seen_v.insert(w) {
-                            todo.push(w);
-                        }
-                    }
+            for (m, w) in self.neighbours(v) {
+                maps.insert(m);
+                if seen_v.insert(w) {
+                    todo.push(w);
                 }
             }
         }
@@ -655,6 +662,8 @@ impl Engine {
     /// `id` plus every active mapping below it that still reads through it, deepest first.
     fn dependants_closure(&self, id: MapId) -> Vec<MapId> {
         let mut out = Vec::new();
+        // Restores make cycles of links: visit each mapping once.
+        let mut seen = BTreeSet::from([id]);
         let mut walk = vec![(id, false)];
         while let Some((m, expanded)) = walk.pop() {
             if expanded {
@@ -664,7 +673,7 @@ impl Engine {
             walk.push((m, true));
             let t = self.mappings[&m].target;
             for d in &self.volumes[&t].downs {
-                if !self.mappings[d].split.all() {
+                if !self.mappings[d].split.all() && seen.insert(*d) {
                     walk.push((*d, false));
                 }
             }

@@ -1,0 +1,46 @@
+//! Command line (clap derive). `main.rs` parses and dispatches; the work lives in the library.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// flashcopy-csi: IBM FlashCopy-style snapshots for Kubernetes volumes on any Linux node.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Walk through FlashCopy on a local data directory: two volumes, a snapshot, a consistency
+    /// group snapshot, a restore by background copy, each verified byte for byte.
+    Demo {
+        /// Where volumes and metadata live (created if missing).
+        #[arg(long, default_value = "./flashcopy-demo")]
+        data_dir: PathBuf,
+        /// Volume size in MiB.
+        #[arg(long, default_value_t = 64)]
+        size_mib: u64,
+    },
+    /// List the volumes, mappings and consistency groups of a data directory (`lsfcmap`-style).
+    Ls {
+        /// The data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+/// Listing formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns.
+    Table,
+    /// JSON lines.
+    Json,
+}
