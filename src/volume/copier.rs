@@ -6,6 +6,12 @@ use crate::engine::{MapId, MapState, Op, rate_bytes_per_sec};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+/// Largest extent of adjacent grains copied with one read and one write.
+const EXTENT_BYTES: u64 = 1 << 20;
+
+/// Most bytes one background or cleaning step copies before its commit round.
+pub const BATCH_BYTES: u64 = 16 << 20;
+
 /// The outcome of one background or cleaning step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
@@ -23,111 +29,205 @@ pub enum Step {
 }
 
 impl Pool {
-    /// One background-copy step of a copying mapping, starting the search at `cursor`.
+    /// One background-copy step of a copying mapping: copies the unsplit grains found from
+    /// `cursor` upwards, up to [`BATCH_BYTES`], and makes them durable in one commit round.
     /// Applies `CopyComplete` once every grain is split and no dependant remains.
     pub fn background_step(&self, map: MapId, cursor: u64) -> Result<Step, VolumeError> {
-        let planned = {
-            let _gate = self.gate.read();
-            let e = self.engine.read();
-            let m = e
-                .mapping(map)
-                .ok_or(crate::engine::EngineError::NoSuchMapping(map))?;
-            if m.state != MapState::Copying {
-                return Ok(Step::Idle);
-            }
-            let shape = e.lock_domain(m.target);
-            let size = e.volume(m.target).map_or(0, |v| v.size);
-            e.plan_background(map, cursor)
-                .map(|p| (p.grain, shape, size, m.grain.bytes()))
-        };
-        match planned {
-            Some((g, Some((domain, _)), size, gb)) => {
-                let bytes = self.copy_grain(domain, g, gb, size, |e| {
-                    e.plan_background(map, g).filter(|p| p.grain == g)
-                })?;
-                self.stats
-                    .background_grains
-                    .fetch_add(u64::from(bytes > 0), Ordering::Relaxed);
-                Ok(Step::Copied { next: g + 1, bytes })
-            }
-            Some(_) => Ok(Step::Idle),
-            None => {
-                if self.engine.read().copy_complete_ready(map) {
-                    self.control(&[Op::CopyComplete { map }])?;
-                    Ok(Step::Finished)
-                } else {
-                    Ok(Step::Idle)
-                }
-            }
-        }
+        self.background_step_max(map, cursor, BATCH_BYTES)
     }
 
-    /// One cleaning step of a stopping mapping, scanning down from `cursor`.
-    /// Applies `CleanComplete` when no dependant needs anything from the target any more.
+    fn background_step_max(&self, map: MapId, cursor: u64, max: u64) -> Result<Step, VolumeError> {
+        let step = self.copy_batch(map, MapState::Copying, cursor, true, max, |e, g| {
+            e.plan_background(map, g)
+        })?;
+        if let Step::Copied { bytes, .. } = step {
+            self.stats
+                .background_grains
+                .fetch_add(bytes.div_ceil(self.grain_bytes(map)), Ordering::Relaxed);
+            return Ok(step);
+        }
+        self.complete_if_ready(map)
+    }
+
+    /// One cleaning step of a stopping mapping, scanning down from `cursor`; as
+    /// [`Pool::background_step`]. Applies `CleanComplete` when no dependant needs anything
+    /// from the target any more.
     pub fn clean_step(&self, map: MapId, cursor: u64) -> Result<Step, VolumeError> {
-        let planned = {
-            let _gate = self.gate.read();
+        self.clean_step_max(map, cursor, BATCH_BYTES)
+    }
+
+    fn clean_step_max(&self, map: MapId, cursor: u64, max: u64) -> Result<Step, VolumeError> {
+        let step = self.copy_batch(map, MapState::Stopping, cursor, false, max, |e, g| {
+            e.plan_clean(map, g)
+        })?;
+        if let Step::Copied { bytes, .. } = step {
+            self.stats
+                .clean_grains
+                .fetch_add(bytes.div_ceil(self.grain_bytes(map)), Ordering::Relaxed);
+            return Ok(step);
+        }
+        let stopping = self
+            .engine
+            .read()
+            .mapping(map)
+            .is_some_and(|m| m.state == MapState::Stopping);
+        if stopping && !self.engine.read().needs_cleaning(map) {
+            self.control(&[Op::CleanComplete { map }])?;
+            return Ok(Step::Finished);
+        }
+        Ok(Step::Idle)
+    }
+
+    fn grain_bytes(&self, map: MapId) -> u64 {
+        self.engine
+            .read()
+            .mapping(map)
+            .map_or(1, |m| m.grain.bytes())
+    }
+
+    /// Copies a batch of grains chosen by `plan` (from `cursor`, upwards or downwards), each
+    /// under its grain lock and re-planned there, then commits all their marks in one round.
+    /// The gate is held shared throughout, so no control op changes the cascade between a
+    /// grain's copy and its mark; until the mark is durable the grain still reads through its
+    /// upstream, which holds the same bytes, and a write that copies it again meanwhile
+    /// copies the same bytes.
+    fn copy_batch(
+        &self,
+        map: MapId,
+        state: MapState,
+        cursor: u64,
+        upwards: bool,
+        max_bytes: u64,
+        plan: impl Fn(&crate::engine::Engine, u64) -> Option<crate::engine::GrainPlan>,
+    ) -> Result<Step, VolumeError> {
+        let _gate = self.gate.read();
+        let (domain, gb, size) = {
             let e = self.engine.read();
             let m = e
                 .mapping(map)
                 .ok_or(crate::engine::EngineError::NoSuchMapping(map))?;
-            if m.state != MapState::Stopping {
+            if m.state != state {
                 return Ok(Step::Idle);
             }
-            let domain = e.lock_domain(m.target);
-            let size = e.volume(m.target).map_or(0, |v| v.size);
-            e.plan_clean(map, cursor)
-                .map(|p| (p.grain, domain, size, m.grain.bytes()))
+            let Some((domain, _)) = e.lock_domain(m.target) else {
+                return Ok(Step::Idle);
+            };
+            (
+                domain,
+                m.grain.bytes(),
+                e.volume(m.target).map_or(0, |v| v.size),
+            )
         };
-        match planned {
-            Some((g, Some((domain, _)), size, gb)) => {
-                let bytes = self.copy_grain(domain, g, gb, size, |e| {
-                    e.plan_clean(map, g).filter(|p| p.grain == g)
-                })?;
-                self.stats
-                    .clean_grains
-                    .fetch_add(u64::from(bytes > 0), Ordering::Relaxed);
-                Ok(Step::Copied {
-                    next: g.saturating_sub(1),
-                    bytes,
-                })
+        let (mut marks, mut dirty, mut bytes) = (Vec::new(), Vec::new(), 0u64);
+        let (mut next, mut found) = (cursor, false);
+        let grains = size.div_ceil(gb);
+        let run_len = (EXTENT_BYTES / gb).max(1);
+        let mut buf = Vec::new();
+        while bytes < max_bytes {
+            let Some(g0) = plan(&self.engine.read(), next).map(|p| p.grain) else {
+                break;
+            };
+            // The engine does not see this batch's marks yet: stop before the search wraps
+            // around to grains copied earlier in the batch.
+            if found && (if upwards { g0 < next } else { g0 > next }) {
+                break;
             }
-            _ => {
-                if !self.engine.read().needs_cleaning(map) {
-                    self.control(&[Op::CleanComplete { map }])?;
-                    Ok(Step::Finished)
-                } else {
-                    Ok(Step::Idle)
+            found = true;
+            // A run of adjacent grains in the scan direction, copied as one extent where their
+            // plans allow it. Shards are locked in index order, so two runs cannot deadlock,
+            // and nothing else ever holds one grain lock while waiting for another.
+            let run: Vec<u64> = if upwards {
+                (g0..(g0 + run_len).min(grains)).collect()
+            } else {
+                (g0.saturating_sub(run_len - 1)..=g0).rev().collect()
+            };
+            let mut shards: Vec<usize> = run.iter().map(|g| self.grain_shard(domain, *g)).collect();
+            shards.sort_unstable();
+            shards.dedup();
+            let _locks: Vec<_> = shards
+                .iter()
+                .map(|i| self.grain_locks[*i].write())
+                .collect();
+            let mut extent: Option<(crate::engine::GrainCopy, u64, u64)> = None;
+            for &g in &run {
+                let Some(p) = plan(&self.engine.read(), g).filter(|p| p.grain == g) else {
+                    continue;
+                };
+                marks.extend(p.marks.iter().cloned());
+                let single = match p.copies.as_slice() {
+                    [c] if c.from != c.to => Some(*c),
+                    _ => None,
+                };
+                match (&mut extent, single) {
+                    (Some((c, lo, hi)), Some(s)) if *c == s && (g == *hi + 1 || g + 1 == *lo) => {
+                        *lo = (*lo).min(g);
+                        *hi = (*hi).max(g);
+                    }
+                    (_, Some(s)) => {
+                        if let Some(e) = extent.take() {
+                            bytes += self.copy_extent(e, gb, size, &mut buf, &mut dirty)?;
+                        }
+                        extent = Some((s, g, g));
+                    }
+                    (_, None) => {
+                        let written = self.run_copies(&p, gb, size)?;
+                        bytes += written.len() as u64 * gb.min(size - g * gb);
+                        dirty.extend(written);
+                    }
                 }
             }
+            if let Some(e) = extent.take() {
+                bytes += self.copy_extent(e, gb, size, &mut buf, &mut dirty)?;
+            }
+            let last = *run.last().expect("a run holds at least its first grain");
+            if !upwards && last == 0 {
+                next = 0;
+                break;
+            }
+            next = if upwards { last + 1 } else { last - 1 };
         }
+        if !found {
+            return Ok(Step::Idle);
+        }
+        if !marks.is_empty() {
+            self.committer.commit(
+                &self.engine,
+                Batch {
+                    ops: marks,
+                    stores: dirty,
+                    apply: true,
+                },
+            )?;
+        }
+        Ok(Step::Copied { next, bytes })
     }
 
-    /// Re-plans grain `g` under its lock and executes the plan; returns bytes copied.
-    fn copy_grain(
+    /// Copies grains `lo..=hi` from one volume to another in one read and one write.
+    fn copy_extent(
         &self,
-        domain: crate::engine::VolId,
-        g: u64,
+        (c, lo, hi): (crate::engine::GrainCopy, u64, u64),
         gb: u64,
         size: u64,
-        plan: impl Fn(&crate::engine::Engine) -> Option<crate::engine::GrainPlan>,
+        buf: &mut Vec<u8>,
+        dirty: &mut Vec<std::sync::Arc<dyn crate::store::BlockStore>>,
     ) -> Result<u64, VolumeError> {
-        let _gate = self.gate.read();
-        let _l = self.grain_lock(domain, g).write();
-        let Some(plan) = plan(&self.engine.read()) else {
-            return Ok(0);
-        };
-        let dirty = self.run_copies(&plan, gb, size)?;
-        let bytes = dirty.len() as u64 * gb.min(size - g * gb);
-        self.committer.commit(
-            &self.engine,
-            Batch {
-                ops: plan.marks,
-                stores: dirty,
-                apply: true,
-            },
-        )?;
-        Ok(bytes)
+        let start = lo * gb;
+        let len = ((hi + 1) * gb).min(size) - start;
+        buf.resize(len as usize, 0);
+        self.store(c.from).read_at(buf, start)?;
+        let to = self.store(c.to);
+        to.write_at(buf, start)?;
+        dirty.push(to);
+        Ok(len)
+    }
+
+    /// Applies `CopyComplete` when the mapping may complete.
+    fn complete_if_ready(&self, map: MapId) -> Result<Step, VolumeError> {
+        if self.engine.read().copy_complete_ready(map) {
+            self.control(&[Op::CopyComplete { map }])?;
+            return Ok(Step::Finished);
+        }
+        Ok(Step::Idle)
     }
 
     /// Runs background copy (copying) or cleaning (stopping) of `map` until it finishes or
@@ -153,9 +253,9 @@ impl Pool {
                 None => return Ok(total),
             };
             let step = match state {
-                MapState::Copying if rate > 0 => self.background_step(map, bg)?,
-                MapState::Copying => self.background_complete_check(map)?,
-                MapState::Stopping => self.clean_step(map, clean)?,
+                MapState::Copying if rate > 0 => self.background_step_max(map, bg, batch(rate))?,
+                MapState::Copying => self.complete_if_ready(map)?,
+                MapState::Stopping => self.clean_step_max(map, clean, batch(rate))?,
                 _ => return Ok(total),
             };
             match step {
@@ -174,15 +274,13 @@ impl Pool {
             }
         }
     }
+}
 
-    /// Copy rate 0: no background copy, but the mapping still completes once every grain was
-    /// split by writes.
-    fn background_complete_check(&self, map: MapId) -> Result<Step, VolumeError> {
-        if self.engine.read().copy_complete_ready(map) {
-            self.control(&[Op::CopyComplete { map }])?;
-            return Ok(Step::Finished);
-        }
-        Ok(Step::Idle)
+/// Batch size for a rate: about a tenth of a second of copying, so pacing stays smooth.
+fn batch(rate: u8) -> u64 {
+    match rate_bytes_per_sec(rate) {
+        0 => BATCH_BYTES,
+        r => (r / 10).clamp(1, BATCH_BYTES),
     }
 }
 

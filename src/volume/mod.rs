@@ -590,9 +590,13 @@ impl Pool {
     }
 
     fn grain_lock(&self, domain: VolId, grain: u64) -> &RwLock<()> {
+        &self.grain_locks[self.grain_shard(domain, grain)]
+    }
+
+    fn grain_shard(&self, domain: VolId, grain: u64) -> usize {
         let h = domain.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
             ^ grain.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-        &self.grain_locks[(h >> 17) as usize % LOCK_SHARDS]
+        (h >> 17) as usize % LOCK_SHARDS
     }
 
     /// Reads `buf.len()` bytes of `vol` at `offset`.
