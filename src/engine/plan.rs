@@ -101,12 +101,11 @@ impl Engine {
                 continue;
             }
             let grain = self.mappings[first].grain;
-            let mut members = vec![id];
+            let mut members = BTreeSet::from([id]);
             let mut todo = vec![id];
             while let Some(x) = todo.pop() {
                 for (_, w) in self.neighbours(x) {
-                    if !members.contains(&w) {
-                        members.push(w);
+                    if members.insert(w) {
                         todo.push(w);
                     }
                 }
@@ -233,7 +232,7 @@ impl Engine {
                 to: vol,
             });
         }
-        for m in self.mappings_of(vol) {
+        for m in v.recorders.iter().map(|id| &self.mappings[id]) {
             if m.recording && m.diff.as_ref().is_some_and(|d| !d.get(g)) {
                 plan.marks.push(Op::MarkDiff {
                     map: m.id,
