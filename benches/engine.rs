@@ -245,7 +245,7 @@ fn open_pool(base: &Path) -> Result<(tempfile::TempDir, Pool)> {
 }
 
 fn spec(src: VolId, tgt: VolId, grain: GrainSize, rate: u8, incremental: bool) -> MappingSpec {
-    let mut s = MappingSpec::new(src, tgt);
+    let mut s = MappingSpec::snapshot(src, tgt);
     s.grain = Some(grain);
     s.copy_rate = rate;
     s.incremental = incremental;

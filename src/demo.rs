@@ -66,7 +66,7 @@ fn describe(ranges: &[(u8, u64, u64)]) -> String {
 }
 
 fn snapshot_spec(src: VolId, tgt: VolId, name: &str) -> MappingSpec {
-    let mut spec = MappingSpec::new(src, tgt);
+    let mut spec = MappingSpec::snapshot(src, tgt);
     spec.name = Some(name.into());
     spec.grain = Some(GrainSize::K64);
     spec

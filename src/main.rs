@@ -1,3 +1,5 @@
+//! The `flashcopy-csi` binary: parses the command line and hands over to the library.
+
 use clap::Parser;
 use flashcopy_csi::cli::{Cli, Command};
 use tracing_subscriber::EnvFilter;

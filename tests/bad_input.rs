@@ -117,7 +117,7 @@ impl World {
 fn spec(source: VolId, target: VolId) -> MappingSpec {
     MappingSpec {
         grain: Some(GrainSize::K64),
-        ..MappingSpec::new(source, target)
+        ..MappingSpec::snapshot(source, target)
     }
 }
 

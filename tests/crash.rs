@@ -195,7 +195,7 @@ impl Run {
                 let Some(tgt) = self.free_target(rng) else {
                     return Ok(());
                 };
-                let mut spec = MappingSpec::new(src, tgt);
+                let mut spec = MappingSpec::snapshot(src, tgt);
                 spec.grain = Some(GrainSize::K64);
                 spec.copy_rate = if rng.below(2) == 0 { 0 } else { 150 };
                 let m = p.create_mapping(spec).map_err(|_| ())?;
@@ -240,7 +240,7 @@ impl Run {
                 let g = p.create_group(None, false).map_err(|_| ())?;
                 let mut ms = vec![];
                 for (src, tgt) in [(self.vols[0], t1), (self.vols[1], t2)] {
-                    let mut spec = MappingSpec::new(src, tgt);
+                    let mut spec = MappingSpec::snapshot(src, tgt);
                     spec.grain = Some(GrainSize::K64);
                     spec.group = Some(g);
                     ms.push((p.create_mapping(spec).map_err(|_| ())?, src, tgt));

@@ -297,7 +297,7 @@ impl World {
                 copy_rate,
                 incremental,
             } => {
-                let mut spec = MappingSpec::new(self.vols[src], self.vols[tgt]);
+                let mut spec = MappingSpec::snapshot(self.vols[src], self.vols[tgt]);
                 spec.copy_rate = copy_rate;
                 spec.incremental = incremental;
                 spec.grain = Some(GrainSize::K64);
@@ -321,7 +321,7 @@ impl World {
                 incremental,
                 autodelete,
             } => {
-                let mut spec = MappingSpec::new(self.vols[src], self.vols[tgt]);
+                let mut spec = MappingSpec::snapshot(self.vols[src], self.vols[tgt]);
                 spec.copy_rate = copy_rate;
                 spec.grain = grain;
                 spec.incremental = incremental;

@@ -14,7 +14,7 @@ use std::time::Duration;
 const MIB: u64 = 1 << 20;
 
 fn snapshot(pool: &Pool, src: VolId, tgt: VolId) -> flashcopy_csi::engine::MapId {
-    let mut spec = MappingSpec::new(src, tgt);
+    let mut spec = MappingSpec::snapshot(src, tgt);
     spec.grain = Some(GrainSize::K64);
     let m = pool.create_mapping(spec).unwrap();
     pool.start_mapping(m, true, false).unwrap();

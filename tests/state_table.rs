@@ -66,7 +66,7 @@ fn map(e: &mut Engine, spec: MappingSpec) -> MapId {
 fn spec(source: VolId, target: VolId) -> MappingSpec {
     MappingSpec {
         grain: Some(GRAIN),
-        ..MappingSpec::new(source, target)
+        ..MappingSpec::snapshot(source, target)
     }
 }
 

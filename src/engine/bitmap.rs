@@ -18,6 +18,39 @@ impl Bitmap {
     pub fn zeros(len: u64) -> Self {
         Self(bitvec![u64, Lsb0; 0; len as usize])
     }
+    /// All-one bitmap of `len` bits.
+    pub fn ones(len: u64) -> Self {
+        Self(bitvec![u64, Lsb0; 1; len as usize])
+    }
+    /// self |= a & b (same lengths).
+    pub fn or_and(&mut self, a: &Bitmap, b: &Bitmap) {
+        let (a, b) = (a.0.as_raw_slice(), b.0.as_raw_slice());
+        for (i, w) in self.0.as_raw_mut_slice().iter_mut().enumerate() {
+            *w |= a[i] & b[i];
+        }
+    }
+    /// self |= other (same lengths).
+    pub fn or(&mut self, other: &Bitmap) {
+        for (w, o) in self
+            .0
+            .as_raw_mut_slice()
+            .iter_mut()
+            .zip(other.0.as_raw_slice())
+        {
+            *w |= *o;
+        }
+    }
+    /// self &= !other (same lengths).
+    pub fn and_not(&mut self, other: &Bitmap) {
+        for (w, o) in self
+            .0
+            .as_raw_mut_slice()
+            .iter_mut()
+            .zip(other.0.as_raw_slice())
+        {
+            *w &= !*o;
+        }
+    }
     /// Number of bits.
     pub fn len(&self) -> u64 {
         self.0.len() as u64

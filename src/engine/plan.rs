@@ -353,6 +353,31 @@ impl Engine {
                 .all(|d| self.mappings[d].split.all())
     }
 
+    /// The grains for which a read of `src` lands on `tgt`'s physical data. Every grain's walk
+    /// visits the same volumes and only stops at different ones, so this runs word by word
+    /// along the walk instead of grain by grain.
+    fn lands_on(&self, src: VolId, tgt: VolId, n: u64) -> Bitmap {
+        let mut out = Bitmap::zeros(n);
+        let mut open = Bitmap::ones(n);
+        let (mut v, mut through) = (src, self.volumes[&src].up);
+        for _ in 0..=self.volumes.len() {
+            let Some(up) = self.volumes[&v].up.filter(|u| Some(*u) == through) else {
+                if v == tgt {
+                    out.or(&open);
+                }
+                return out;
+            };
+            let m = &self.mappings[&up];
+            if v == tgt {
+                out.or_and(&open, &m.split);
+            }
+            open.and_not(&m.split);
+            let link = m.link.expect("a volume's up mapping is linked");
+            (v, through) = (link.up, link.through);
+        }
+        unreachable!("cascade walk from {src} does not end")
+    }
+
     /// Links a prepared mapping into the cascade and initialises its bitmaps (T1 step 3).
     pub(super) fn link_and_init(&mut self, id: MapId) {
         let (src, tgt, n) = {
@@ -373,11 +398,11 @@ impl Engine {
         }
         // A restore: grains whose new image already sits in the target's own data are split.
         if !self.volumes[&tgt].downs.is_empty() {
-            for g in 0..n {
-                if !split.get(g) && self.resolve(src, g) == tgt {
-                    split.set(g);
-                }
-            }
+            let lands = self.lands_on(src, tgt, n);
+            debug_assert!(
+                n > 4096 || (0..n).all(|g| lands.get(g) == (self.resolve(src, g) == tgt))
+            );
+            split.or(&lands);
         }
         // Incremental mappings that use the target see its content change where unsplit.
         let others: Vec<MapId> = self

@@ -216,8 +216,17 @@ pub struct MappingSpec {
 }
 
 impl MappingSpec {
-    /// A snapshot-style spec (copy rate 0) with every other attribute at its default.
+    /// `mkfcmap -source -target` with IBM's defaults: copy rate 50, clean rate 50, grain
+    /// inherited (else 256 KiB), not incremental, no autodelete, stand-alone.
     pub fn new(source: VolId, target: VolId) -> Self {
+        Self {
+            copy_rate: DEFAULT_RATE,
+            ..Self::snapshot(source, target)
+        }
+    }
+
+    /// A snapshot (copy rate 0: copy-on-write only, no background copy); otherwise as [`MappingSpec::new`].
+    pub fn snapshot(source: VolId, target: VolId) -> Self {
         Self {
             name: None,
             source,

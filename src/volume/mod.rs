@@ -184,6 +184,14 @@ impl Pool {
             }
         }
         let replayed = rec.records.len();
+        tracing::info!(
+            generation = rec.generation,
+            replayed,
+            discarded_tail_bytes = rec.discarded_tail_bytes,
+            volumes = engine.volumes().count(),
+            mappings = engine.mappings().count(),
+            "metadata recovered"
+        );
         let pool = Pool {
             engine: RwLock::new(engine),
             gate: RwLock::new(()),
@@ -290,6 +298,7 @@ impl Pool {
                 apply: false,
             },
         )?;
+        log_events(&events);
         Ok((events, t0.elapsed()))
     }
 
@@ -576,17 +585,25 @@ impl Pool {
         self.committer.commit(
             &self.engine,
             Batch {
-                ops: vec![op],
+                ops: vec![op.clone()],
                 stores: Vec::new(),
                 apply: false,
             },
         )?;
         drop(gate);
+        let pause = t0.elapsed();
+        match op {
+            Op::Start { map, .. } => {
+                tracing::info!(map = %map, pause_us = pause.as_micros() as u64, "point in time taken")
+            }
+            Op::StartGroup { group, .. } => {
+                tracing::info!(group = %group, pause_us = pause.as_micros() as u64, "point in time taken for the group")
+            }
+            _ => {}
+        }
+        log_events(&ev);
         events.extend(ev);
-        Ok(StartReport {
-            pause: t0.elapsed(),
-            events,
-        })
+        Ok(StartReport { pause, events })
     }
 
     fn grain_lock(&self, domain: VolId, grain: u64) -> &RwLock<()> {
@@ -716,6 +733,20 @@ impl Pool {
     pub fn checkpoint(&self) -> Result<(), VolumeError> {
         let _gate = self.gate.write();
         self.committer.checkpoint(&self.engine)
+    }
+}
+
+fn log_events(events: &[Event]) {
+    for e in events {
+        match e {
+            Event::MapState { map, from, to } => {
+                tracing::info!(map = %map, %from, %to, "mapping state")
+            }
+            Event::MapDeleted { map } => tracing::info!(map = %map, "mapping deleted"),
+            Event::GroupDeleted { group } => {
+                tracing::info!(group = %group, "consistency group deleted")
+            }
+        }
     }
 }
 
