@@ -67,30 +67,58 @@ impl Backend for DirBackend {
     }
 }
 
+/// Stores kept in a map in this process (the memory and fault-injecting backends).
+#[derive(Debug)]
+struct StoreMap<S>(Mutex<BTreeMap<VolId, Arc<S>>>);
+
+impl<S> Default for StoreMap<S> {
+    fn default() -> Self {
+        Self(Mutex::default())
+    }
+}
+
+impl<S: BlockStore + 'static> StoreMap<S> {
+    fn insert(&self, vol: VolId, s: S) -> Arc<dyn BlockStore> {
+        let s = Arc::new(s);
+        self.0.lock().insert(vol, s.clone());
+        s
+    }
+    fn get(&self, vol: VolId) -> Option<Arc<S>> {
+        self.0.lock().get(&vol).cloned()
+    }
+    fn open(&self, vol: VolId) -> Result<Arc<dyn BlockStore>, StoreError> {
+        let s = self.get(vol).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("no store for {vol}"))
+        })?;
+        Ok(s)
+    }
+    fn remove(&self, vol: VolId) {
+        self.0.lock().remove(&vol);
+    }
+    fn list(&self) -> Vec<VolId> {
+        self.0.lock().keys().copied().collect()
+    }
+}
+
 /// Volumes in memory (tests, demos). `open` returns the store created earlier in this process.
 #[derive(Debug, Default)]
 pub struct MemBackend {
-    stores: Mutex<BTreeMap<VolId, Arc<MemStore>>>,
+    stores: StoreMap<MemStore>,
 }
 
 impl Backend for MemBackend {
     fn create(&self, vol: VolId, size: u64) -> Result<Arc<dyn BlockStore>, StoreError> {
-        let s = Arc::new(MemStore::new(size));
-        self.stores.lock().insert(vol, s.clone());
-        Ok(s)
+        Ok(self.stores.insert(vol, MemStore::new(size)))
     }
     fn open(&self, vol: VolId) -> Result<Arc<dyn BlockStore>, StoreError> {
-        let s = self.stores.lock().get(&vol).cloned();
-        s.map(|s| s as Arc<dyn BlockStore>).ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::NotFound, format!("no store for {vol}")).into()
-        })
+        self.stores.open(vol)
     }
     fn remove(&self, vol: VolId) -> Result<(), StoreError> {
-        self.stores.lock().remove(&vol);
+        self.stores.remove(vol);
         Ok(())
     }
     fn list(&self) -> Result<Vec<VolId>, StoreError> {
-        Ok(self.stores.lock().keys().copied().collect())
+        Ok(self.stores.list())
     }
 }
 
@@ -99,7 +127,7 @@ impl Backend for MemBackend {
 #[derive(Debug)]
 pub struct FaultBackend {
     point: Arc<CrashPoint>,
-    stores: Mutex<BTreeMap<VolId, Arc<FaultStore>>>,
+    stores: StoreMap<FaultStore>,
 }
 
 impl FaultBackend {
@@ -107,35 +135,23 @@ impl FaultBackend {
     pub fn new(point: Arc<CrashPoint>) -> Self {
         Self {
             point,
-            stores: Mutex::default(),
+            stores: StoreMap::default(),
         }
     }
     /// The stores as the disk holds them after power loss: each unsynced write kept iff `keep()`.
     /// The new backend never crashes.
     pub fn reboot(&self, keep: &mut dyn FnMut() -> bool) -> FaultBackend {
-        let point = Arc::new(CrashPoint::never());
-        let stores = self
-            .stores
-            .lock()
-            .iter()
-            .map(|(v, s)| {
-                (
-                    *v,
-                    Arc::new(FaultStore::from_vec_with_crash_point(
-                        s.crash_image(keep),
-                        point.clone(),
-                    )),
-                )
-            })
-            .collect();
-        FaultBackend {
-            point,
-            stores: Mutex::new(stores),
+        let rebooted = FaultBackend::new(Arc::new(CrashPoint::never()));
+        for vol in self.stores.list() {
+            let image = self.stores.get(vol).expect("listed").crash_image(keep);
+            let store = FaultStore::from_vec_with_crash_point(image, rebooted.point.clone());
+            rebooted.stores.insert(vol, store);
         }
+        rebooted
     }
     /// The store of a volume, for inspection.
     pub fn store(&self, vol: VolId) -> Option<Arc<FaultStore>> {
-        self.stores.lock().get(&vol).cloned()
+        self.stores.get(vol)
     }
 }
 
@@ -144,23 +160,20 @@ impl Backend for FaultBackend {
         if self.point.crashed() {
             return Err(StoreError::Crashed);
         }
-        let s = Arc::new(FaultStore::with_crash_point(size, self.point.clone()));
         // A new file's size is not durable until synced; model it as fully durable zeros,
         // which is what a sparse file reads as either way.
-        self.stores.lock().insert(vol, s.clone());
-        Ok(s)
+        Ok(self
+            .stores
+            .insert(vol, FaultStore::with_crash_point(size, self.point.clone())))
     }
     fn open(&self, vol: VolId) -> Result<Arc<dyn BlockStore>, StoreError> {
-        let s = self.stores.lock().get(&vol).cloned();
-        s.map(|s| s as Arc<dyn BlockStore>).ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::NotFound, format!("no store for {vol}")).into()
-        })
+        self.stores.open(vol)
     }
     fn remove(&self, vol: VolId) -> Result<(), StoreError> {
-        self.stores.lock().remove(&vol);
+        self.stores.remove(vol);
         Ok(())
     }
     fn list(&self) -> Result<Vec<VolId>, StoreError> {
-        Ok(self.stores.lock().keys().copied().collect())
+        Ok(self.stores.list())
     }
 }

@@ -462,6 +462,10 @@ impl Pool {
     /// `prestartfcmap [-restore]`: preparing, flush the source, prepared.
     pub fn prepare_mapping(&self, map: MapId, restore: bool) -> Result<Vec<Event>, VolumeError> {
         let _c = self.control.lock();
+        self.prepare_locked(map, restore)
+    }
+
+    fn prepare_locked(&self, map: MapId, restore: bool) -> Result<Vec<Event>, VolumeError> {
         let mut ev = self.control_locked(&[Op::Prepare { map, restore }])?.0;
         ev.extend(self.flush_sources(&[map], Op::FlushDone { map }, Op::FlushFailed { map })?);
         Ok(ev)
@@ -514,12 +518,7 @@ impl Pool {
             if state == MapState::Prepared {
                 return Err(VolumeError::AlreadyPrepared(map));
             }
-            events.extend(self.control_locked(&[Op::Prepare { map, restore }])?.0);
-            events.extend(self.flush_sources(
-                &[map],
-                Op::FlushDone { map },
-                Op::FlushFailed { map },
-            )?);
+            events.extend(self.prepare_locked(map, restore)?);
         }
         let source = self
             .engine
