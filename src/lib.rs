@@ -11,10 +11,12 @@
 //! - [`store`]: block-store backends (memory, sparse file, raw block device, fault injection).
 //! - [`meta`]: the crash-safe metadata journal and checkpoints.
 //! - [`volume`]: executes engine plans against stores with per-grain locking and group commit.
+//! - [`nbd`]: the NBD server that exposes volumes to workloads.
 
 pub mod cli;
 pub mod demo;
 pub mod engine;
 pub mod meta;
+pub mod nbd;
 pub mod store;
 pub mod volume;
