@@ -34,6 +34,12 @@ pub enum Command {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Run the node agent: the pool's volumes as NBD exports and the agent API on Unix sockets
+    /// (DIR/agent.sock, DIR/nbd.sock), background copy and cleaning; stops on SIGTERM/SIGINT.
+    Agent(crate::agent::Config),
+    /// FlashCopy administration over the agent API, with IBM verbs (mkfcmap, lsfcmap,
+    /// startfcconsistgrp, ...).
+    Fc(crate::fc::Args),
 }
 
 /// Listing formats.

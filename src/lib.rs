@@ -12,11 +12,17 @@
 //! - [`meta`]: the crash-safe metadata journal and checkpoints.
 //! - [`volume`]: executes engine plans against stores with per-grain locking and group commit.
 //! - [`nbd`]: the NBD server that exposes volumes to workloads.
+//! - [`agent`]: the node daemon: the agent gRPC API, NBD exports, copy workers, shutdown.
+//! - [`proto`]: generated gRPC code (`proto/agent/v1/agent.proto`).
+//! - [`fc`]: the operator's FlashCopy command line over the agent API.
 
+pub mod agent;
 pub mod cli;
 pub mod demo;
 pub mod engine;
+pub mod fc;
 pub mod meta;
 pub mod nbd;
+pub mod proto;
 pub mod store;
 pub mod volume;

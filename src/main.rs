@@ -2,17 +2,30 @@
 
 use clap::Parser;
 use flashcopy_csi::cli::{Cli, Command};
+use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    // The agent is a daemon: its default log level tells what it does.
+    let level = if matches!(cli.command, Command::Agent(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)),
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::Demo { data_dir, size_mib } => flashcopy_csi::demo::run(&data_dir, size_mib << 20),
-        Command::Ls { data_dir, output } => flashcopy_csi::demo::ls(&data_dir, output),
+    match cli.command {
+        Command::Demo { data_dir, size_mib } => {
+            flashcopy_csi::demo::run(&data_dir, size_mib << 20)?
+        }
+        Command::Ls { data_dir, output } => flashcopy_csi::demo::ls(&data_dir, output)?,
+        Command::Agent(cfg) => flashcopy_csi::agent::main(cfg)?,
+        Command::Fc(args) => return Ok(flashcopy_csi::fc::main(args)),
     }
+    Ok(ExitCode::SUCCESS)
 }
