@@ -3,6 +3,7 @@
 
 use crate::cli::Output;
 use crate::engine::{Engine, GrainSize, MapId, MapState, MappingSpec, VolId};
+use crate::fc::output::{LSFCMAP_COLUMNS, table};
 use crate::volume::{Pool, PoolConfig};
 use anyhow::{Context, bail, ensure};
 use std::path::Path;
@@ -214,63 +215,35 @@ fn mapping_json(e: &Engine, id: MapId) -> String {
 
 /// Aligned `lsfcmap`-style table of every mapping.
 pub fn lsfcmap(e: &Engine) -> String {
-    let mut rows = vec![
-        [
-            "id",
-            "name",
-            "source",
-            "target",
-            "group",
-            "state",
-            "progress",
-            "copy_rate",
-            "clean_rate",
-            "grain",
-            "incremental",
-            "autodelete",
-            "start_time",
-        ]
-        .map(String::from),
-    ];
-    for m in e.mappings() {
-        let group = m
-            .group
-            .and_then(|g| e.group(g))
-            .map_or(String::new(), |g| g.name.clone());
-        let yes = |b: bool| if b { "on" } else { "off" }.to_string();
-        rows.push([
-            m.id.0.to_string(),
-            m.name.clone(),
-            vol_name(e, m.source),
-            vol_name(e, m.target),
-            group,
-            m.state.to_string()
-                + if m.restoring && m.state == MapState::Copying {
-                    " (restoring)"
-                } else {
-                    ""
-                },
-            m.progress().to_string(),
-            m.copy_rate.to_string(),
-            m.clean_rate.to_string(),
-            m.grain.to_string(),
-            yes(m.incremental),
-            yes(m.autodelete),
-            m.start_time.map_or(String::new(), |t| t.to_string()),
-        ]);
-    }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+    let yes = |b: bool| if b { "on" } else { "off" }.to_string();
+    let rows: Vec<Vec<String>> = e
+        .mappings()
+        .map(|m| {
+            let group = m
+                .group
+                .and_then(|g| e.group(g))
+                .map_or(String::new(), |g| g.name.clone());
+            let restoring = if m.restoring && m.state == MapState::Copying {
+                " (restoring)"
+            } else {
+                ""
+            };
+            vec![
+                m.id.0.to_string(),
+                m.name.clone(),
+                vol_name(e, m.source),
+                vol_name(e, m.target),
+                group,
+                m.state.to_string() + restoring,
+                m.progress().to_string(),
+                m.copy_rate.to_string(),
+                m.clean_rate.to_string(),
+                m.grain.to_string(),
+                yes(m.incremental),
+                yes(m.autodelete),
+                m.start_time.map_or(String::new(), |t| t.to_string()),
+            ]
+        })
         .collect();
-    let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join(" ").trim_end());
-        out.push('\n');
-    }
-    out
+    table(&LSFCMAP_COLUMNS, &rows)
 }

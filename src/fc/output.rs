@@ -5,6 +5,23 @@ use crate::proto::agent::v1 as pb;
 use serde_json::{Value, json};
 use std::io::Write;
 
+/// The columns of `lsfcmap` listings, IBM's order.
+pub const LSFCMAP_COLUMNS: [&str; 13] = [
+    "id",
+    "name",
+    "source",
+    "target",
+    "group",
+    "state",
+    "progress",
+    "copy_rate",
+    "clean_rate",
+    "grain",
+    "incremental",
+    "autodelete",
+    "start_time",
+];
+
 /// An aligned table: a header row and data rows, columns separated by one space at least.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let widths: Vec<usize> = (0..headers.len())
@@ -253,24 +270,7 @@ pub fn mappings_table(maps: &[pb::Mapping]) -> String {
             ]
         })
         .collect();
-    table(
-        &[
-            "id",
-            "name",
-            "source",
-            "target",
-            "group",
-            "state",
-            "progress",
-            "copy_rate",
-            "clean_rate",
-            "grain",
-            "incremental",
-            "autodelete",
-            "start_time",
-        ],
-        &rows,
-    )
+    table(&LSFCMAP_COLUMNS, &rows)
 }
 
 /// `lsfcmap MAP` detailed view.
