@@ -100,6 +100,18 @@ impl AgentService {
     }
 
     /// After a command: publish what it did and let the workers look for new work.
+    /// Runs a pool command that changes state: in a blocking task, then publishes the events it
+    /// reported and wakes the copy workers, then replies with what it returned.
+    async fn command<T, F>(&self, f: F) -> RpcResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Pool) -> Result<(T, Vec<crate::engine::Event>), AgentError> + Send + 'static,
+    {
+        let (t, events) = self.blocking(f).await?;
+        self.changed(&events);
+        ok(t)
+    }
+
     fn changed(&self, events: &[crate::engine::Event]) {
         self.events.publish_all(events);
         self.workers.wake();
@@ -287,15 +299,12 @@ impl Agent for AgentService {
         req: Request<pb::PrepareMappingRequest>,
     ) -> RpcResult<pb::Mapping> {
         let r = req.into_inner();
-        let (m, ev) = self
-            .blocking(move |pool| {
-                let id = convert::mapping_ref(&pool.engine(), &r.mapping)?;
-                let ev = pool.prepare_mapping(id, r.restore)?;
-                Ok((convert::mapping_by_id(&pool.engine(), id)?, ev))
-            })
-            .await?;
-        self.changed(&ev);
-        ok(m)
+        self.command(move |pool| {
+            let id = convert::mapping_ref(&pool.engine(), &r.mapping)?;
+            let ev = pool.prepare_mapping(id, r.restore)?;
+            Ok((convert::mapping_by_id(&pool.engine(), id)?, ev))
+        })
+        .await
     }
 
     async fn start_mapping(
@@ -325,16 +334,14 @@ impl Agent for AgentService {
         req: Request<pb::StopMappingRequest>,
     ) -> RpcResult<pb::StopMappingResponse> {
         let r = req.into_inner();
-        let (mapping, ev) = self
-            .blocking(move |pool| {
-                let id = convert::mapping_ref(&pool.engine(), &r.mapping)?;
-                let ev = pool.stop_mapping(id, r.force, r.split)?;
-                tracing::info!(mapping = %id, force = r.force, split = r.split, "mapping stopped");
-                Ok((convert::mapping_by_id(&pool.engine(), id).ok(), ev))
-            })
-            .await?;
-        self.changed(&ev);
-        ok(pb::StopMappingResponse { mapping })
+        self.command(move |pool| {
+            let id = convert::mapping_ref(&pool.engine(), &r.mapping)?;
+            let ev = pool.stop_mapping(id, r.force, r.split)?;
+            tracing::info!(mapping = %id, force = r.force, split = r.split, "mapping stopped");
+            let mapping = convert::mapping_by_id(&pool.engine(), id).ok();
+            Ok((pb::StopMappingResponse { mapping }, ev))
+        })
+        .await
     }
 
     async fn delete_mapping(
@@ -342,14 +349,14 @@ impl Agent for AgentService {
         req: Request<pb::DeleteMappingRequest>,
     ) -> RpcResult<pb::DeleteMappingResponse> {
         let r = req.into_inner();
-        let ev = self
-            .blocking(move |pool| {
-                let id = convert::mapping_ref(&pool.engine(), &r.mapping)?;
-                Ok(pool.delete_mapping(id, r.force)?)
-            })
-            .await?;
-        self.changed(&ev);
-        ok(pb::DeleteMappingResponse {})
+        self.command(move |pool| {
+            let id = convert::mapping_ref(&pool.engine(), &r.mapping)?;
+            Ok((
+                pb::DeleteMappingResponse {},
+                pool.delete_mapping(id, r.force)?,
+            ))
+        })
+        .await
     }
 
     async fn modify_mapping(
@@ -357,35 +364,31 @@ impl Agent for AgentService {
         req: Request<pb::ModifyMappingRequest>,
     ) -> RpcResult<pb::Mapping> {
         let r = req.into_inner();
-        let (m, ev) = self
-            .blocking(move |pool| {
-                let id = convert::mapping_ref(&pool.engine(), &r.mapping)?;
-                let change = MappingChange {
-                    name: r.name,
-                    copy_rate: r
-                        .copy_rate
-                        .map(|v| convert::rate("copy rate", v))
-                        .transpose()?,
-                    clean_rate: r
-                        .clean_rate
-                        .map(|v| convert::rate("clean rate", v))
-                        .transpose()?,
-                    autodelete: r.autodelete,
-                    group: None,
-                };
-                if change == MappingChange::default() {
-                    return Err(AgentError::InvalidArgument(
-                        "nothing to change: give a name, copy rate, clean rate or autodelete"
-                            .into(),
-                    ));
-                }
-                let ev = pool.modify_mapping(id, change)?;
-                tracing::info!(mapping = %id, "mapping modified");
-                Ok((convert::mapping_by_id(&pool.engine(), id)?, ev))
-            })
-            .await?;
-        self.changed(&ev);
-        ok(m)
+        self.command(move |pool| {
+            let id = convert::mapping_ref(&pool.engine(), &r.mapping)?;
+            let change = MappingChange {
+                name: r.name,
+                copy_rate: r
+                    .copy_rate
+                    .map(|v| convert::rate("copy rate", v))
+                    .transpose()?,
+                clean_rate: r
+                    .clean_rate
+                    .map(|v| convert::rate("clean rate", v))
+                    .transpose()?,
+                autodelete: r.autodelete,
+                group: None,
+            };
+            if change == MappingChange::default() {
+                return Err(AgentError::InvalidArgument(
+                    "nothing to change: give a name, copy rate, clean rate or autodelete".into(),
+                ));
+            }
+            let ev = pool.modify_mapping(id, change)?;
+            tracing::info!(mapping = %id, "mapping modified");
+            Ok((convert::mapping_by_id(&pool.engine(), id)?, ev))
+        })
+        .await
     }
 
     async fn get_mapping(&self, req: Request<pb::GetMappingRequest>) -> RpcResult<pb::Mapping> {
@@ -438,28 +441,25 @@ impl Agent for AgentService {
 
     async fn add_to_group(&self, req: Request<pb::AddToGroupRequest>) -> RpcResult<pb::Mapping> {
         let r = req.into_inner();
-        let (m, ev) = self
-            .blocking(move |pool| {
-                let (map, group) = {
-                    let e = pool.engine();
-                    (
-                        convert::mapping_ref(&e, &r.mapping)?,
-                        convert::group_ref(&e, &r.group)?,
-                    )
-                };
-                let ev = pool.modify_mapping(
-                    map,
-                    MappingChange {
-                        group: Some(Some(group)),
-                        ..Default::default()
-                    },
-                )?;
-                tracing::info!(mapping = %map, group = %group, "mapping joined group");
-                Ok((convert::mapping_by_id(&pool.engine(), map)?, ev))
-            })
-            .await?;
-        self.changed(&ev);
-        ok(m)
+        self.command(move |pool| {
+            let (map, group) = {
+                let e = pool.engine();
+                (
+                    convert::mapping_ref(&e, &r.mapping)?,
+                    convert::group_ref(&e, &r.group)?,
+                )
+            };
+            let ev = pool.modify_mapping(
+                map,
+                MappingChange {
+                    group: Some(Some(group)),
+                    ..Default::default()
+                },
+            )?;
+            tracing::info!(mapping = %map, group = %group, "mapping joined group");
+            Ok((convert::mapping_by_id(&pool.engine(), map)?, ev))
+        })
+        .await
     }
 
     async fn remove_from_group(
@@ -467,35 +467,29 @@ impl Agent for AgentService {
         req: Request<pb::RemoveFromGroupRequest>,
     ) -> RpcResult<pb::Mapping> {
         let r = req.into_inner();
-        let (m, ev) = self
-            .blocking(move |pool| {
-                let map = convert::mapping_ref(&pool.engine(), &r.mapping)?;
-                let ev = pool.modify_mapping(
-                    map,
-                    MappingChange {
-                        group: Some(None),
-                        ..Default::default()
-                    },
-                )?;
-                tracing::info!(mapping = %map, "mapping left its group");
-                Ok((convert::mapping_by_id(&pool.engine(), map)?, ev))
-            })
-            .await?;
-        self.changed(&ev);
-        ok(m)
+        self.command(move |pool| {
+            let map = convert::mapping_ref(&pool.engine(), &r.mapping)?;
+            let ev = pool.modify_mapping(
+                map,
+                MappingChange {
+                    group: Some(None),
+                    ..Default::default()
+                },
+            )?;
+            tracing::info!(mapping = %map, "mapping left its group");
+            Ok((convert::mapping_by_id(&pool.engine(), map)?, ev))
+        })
+        .await
     }
 
     async fn prepare_group(&self, req: Request<pb::PrepareGroupRequest>) -> RpcResult<pb::Group> {
         let r = req.into_inner();
-        let (g, ev) = self
-            .blocking(move |pool| {
-                let id = convert::group_ref(&pool.engine(), &r.group)?;
-                let ev = pool.prepare_group(id, r.restore)?;
-                Ok((convert::group(&pool.engine(), id)?, ev))
-            })
-            .await?;
-        self.changed(&ev);
-        ok(g)
+        self.command(move |pool| {
+            let id = convert::group_ref(&pool.engine(), &r.group)?;
+            let ev = pool.prepare_group(id, r.restore)?;
+            Ok((convert::group(&pool.engine(), id)?, ev))
+        })
+        .await
     }
 
     async fn start_group(
@@ -523,16 +517,13 @@ impl Agent for AgentService {
 
     async fn stop_group(&self, req: Request<pb::StopGroupRequest>) -> RpcResult<pb::Group> {
         let r = req.into_inner();
-        let (g, ev) = self
-            .blocking(move |pool| {
+        self.command(move |pool| {
                 let id = convert::group_ref(&pool.engine(), &r.group)?;
                 let ev = pool.stop_group(id, r.force, r.split)?;
                 tracing::info!(group = %id, force = r.force, split = r.split, "consistency group stopped");
                 Ok((convert::group(&pool.engine(), id)?, ev))
             })
-            .await?;
-        self.changed(&ev);
-        ok(g)
+            .await
     }
 
     async fn delete_group(
@@ -540,16 +531,13 @@ impl Agent for AgentService {
         req: Request<pb::DeleteGroupRequest>,
     ) -> RpcResult<pb::DeleteGroupResponse> {
         let r = req.into_inner();
-        let ev = self
-            .blocking(move |pool| {
-                let id = convert::group_ref(&pool.engine(), &r.group)?;
-                let ev = pool.delete_group(id, r.force)?;
-                tracing::info!(group = %id, "consistency group deleted");
-                Ok(ev)
-            })
-            .await?;
-        self.changed(&ev);
-        ok(pb::DeleteGroupResponse {})
+        self.command(move |pool| {
+            let id = convert::group_ref(&pool.engine(), &r.group)?;
+            let ev = pool.delete_group(id, r.force)?;
+            tracing::info!(group = %id, "consistency group deleted");
+            Ok((pb::DeleteGroupResponse {}, ev))
+        })
+        .await
     }
 
     async fn get_group(&self, req: Request<pb::GetGroupRequest>) -> RpcResult<pb::Group> {
