@@ -252,8 +252,9 @@ impl AgentProc {
             .unwrap();
         assert!(
             out.status.success(),
-            "nbdcopy {export}: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "nbdcopy {export}: {}\nagent log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
         );
         out.stdout
     }
@@ -563,9 +564,10 @@ fn kill_during_writes_and_snapshots() {
                 .iter()
                 .find(|m| m["name"] == map.as_str())
                 .unwrap_or_else(|| panic!("mapping {map} is gone after the restart"));
-            let target = agent.read(export);
             let start = starts.iter().find(|s| s.0 == k);
             if state(m) == "copying" {
+                // (The target of a prepared mapping is offline, so read only now.)
+                let target = agent.read(export);
                 let (_, lo, hi, _) = *start.unwrap_or_else(|| panic!("{map} started by itself"));
                 let hi = hi.unwrap_or(log.writes.len());
                 let Some((p, imgs)) = find_prefix(&base, &log.writes, lo, hi, &[(0, &target)])
@@ -869,8 +871,8 @@ fn kill_around_group_start() {
         for m in members.as_array().unwrap() {
             assert_eq!(state(m), st, "a member of {cg} differs from its group");
         }
-        let imgs: Vec<Vec<u8>> = targets.iter().map(|t| agent.read(t)).collect();
         let expect = if st == "copying" {
+            let imgs: Vec<Vec<u8>> = targets.iter().map(|t| agent.read(t)).collect();
             let Some((p, expect)) =
                 find_prefix(&base, &log.writes, lo, hi, &[(0, &imgs[0]), (1, &imgs[1])])
             else {
