@@ -82,26 +82,7 @@ struct AgentProc {
 
 impl AgentProc {
     fn start(dir: &Path) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let log = dir.with_extension("log");
-        let err = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_flashcopy-csi"))
-            .args(["agent", "--data-dir"])
-            .arg(dir)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .unwrap();
-        let mut a = AgentProc {
-            dir: dir.to_path_buf(),
-            log,
-            child,
-        };
+        let mut a = Self::start_only(dir);
         let t0 = Instant::now();
         while std::os::unix::net::UnixStream::connect(dir.join("agent.sock")).is_err()
             || std::os::unix::net::UnixStream::connect(dir.join("nbd.sock")).is_err()
@@ -117,6 +98,31 @@ impl AgentProc {
             std::thread::sleep(Duration::from_millis(20));
         }
         a
+    }
+
+    /// Spawns the agent without waiting for it to serve.
+    fn start_only(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let log = dir.with_extension("log");
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_flashcopy-csi"))
+            .args(["agent", "--data-dir"])
+            .arg(dir)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        AgentProc {
+            dir: dir.to_path_buf(),
+            log,
+            child,
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -552,6 +558,12 @@ fn kill_during_writes_and_snapshots() {
             starts.len()
         );
 
+        if round % 2 == 1 {
+            // And once more while it recovers (replay, checkpoint, interrupted prepares).
+            let a = AgentProc::start_only(&dir);
+            std::thread::sleep(rng.ms(0, 15));
+            a.kill9();
+        }
         agent = AgentProc::start(&dir);
         agent.assert_exports();
         let actual = agent.read(&src);
@@ -656,10 +668,11 @@ fn copy_past(agent: &AgentProc, map: &str, past: u64, min: u64) -> u64 {
     }
 }
 
-/// A clone by background copy of a 24 MiB volume, kill -9 twice mid-copy, with host writes to
-/// the source after the start: after each restart the copy resumes from the durable progress
-/// (never below what the agent reported before the kill) and the clone ends byte-identical to
-/// the source image at the start.
+/// A clone by background copy of a 24 MiB volume, then the clone copied back onto the source,
+/// each with kill -9 twice mid-copy and host writes to its source after the start: after each
+/// restart the copy resumes from the durable progress (never below what the agent reported
+/// before the kill), the target reads its point in time throughout and ends byte-identical to
+/// the image at the start (seeded bytes the test wrote).
 #[test]
 fn kill_during_background_copy() {
     if !peers() {
@@ -669,7 +682,7 @@ fn kill_during_background_copy() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     let size = 24 * MIB;
-    let mut agent = AgentProc::start(&dir);
+    let agent = AgentProc::start(&dir);
     let src = agent.mkvol("src", size);
     let clone = agent.mkvol("clone", size);
 
@@ -699,10 +712,52 @@ fn kill_during_background_copy() {
         "--name",
         "cl",
     ]);
-    agent.fc_ok(&["startfcmap", "--prep", "cl"]);
-    let mut source = vec![image.clone()];
-    let host_writes = |agent: &AgentProc, rng: &mut Rng, source: &mut Vec<Vec<u8>>| {
-        let mut q = Qio::open(&agent.nbd(&src));
+    let mut on_src = image.clone();
+    let agent = copy_with_kills(agent, &mut rng, "cl", (&src, &mut on_src), (&clone, &image));
+    println!("clone: complete");
+
+    // And back: the clone copied onto the source (a restore in place), killed mid-copy too; the
+    // source reads the clone's image from the start on, whatever is written to the clone.
+    agent.fc_ok(&[
+        "mkfcmap",
+        "--source",
+        "clone",
+        "--target",
+        "src",
+        "--copyrate",
+        "65",
+        "--name",
+        "back",
+    ]);
+    let mut on_clone = image.clone();
+    let agent = copy_with_kills(
+        agent,
+        &mut rng,
+        "back",
+        (&clone, &mut on_clone),
+        (&src, &image),
+    );
+    println!("copy back: complete");
+    agent.kill9();
+}
+
+/// Starts `map`, then twice: host writes to its source, background copy past a sixth more of
+/// the grains, kill -9 at a random moment, restart. After each restart the copy is still
+/// copying from no less than the progress reported before the kill, the source holds every
+/// write and the target reads its point-in-time image; finally the copy completes at the top
+/// rate and the target holds that image on its own.
+fn copy_with_kills(
+    mut agent: AgentProc,
+    rng: &mut Rng,
+    map: &str,
+    (source, on_source): (&str, &mut Vec<u8>),
+    (target, image): (&str, &[u8]),
+) -> AgentProc {
+    let dir = agent.dir.clone();
+    agent.fc_ok(&["startfcmap", "--prep", map]);
+    let size = on_source.len() as u64;
+    let host_writes = |agent: &AgentProc, rng: &mut Rng, on_source: &mut Vec<u8>| {
+        let mut q = Qio::open(&agent.nbd(source));
         for _ in 0..8 {
             let w = Wr {
                 vol: 0,
@@ -711,53 +766,58 @@ fn kill_during_background_copy() {
                 pat: rng.range(1, 256) as u8,
             };
             assert!(q.write(&w, false), "host write {w:?}");
-            apply(source, &w);
+            apply(std::slice::from_mut(on_source), &w);
         }
     };
-
     let mut reported = 0;
     for kill in 0..2 {
-        host_writes(&agent, &mut rng, &mut source);
-        // Past the durable progress of the last restart, at least a sixth further on.
-        let (_, _, grains) = split_grains(&agent, "cl");
-        reported = copy_past(&agent, "cl", reported, (kill + 1) * grains / 6);
+        host_writes(&agent, rng, on_source);
+        let (_, _, grains) = split_grains(&agent, map);
+        reported = copy_past(&agent, map, reported, (kill + 1) * grains / 6);
         std::thread::sleep(rng.ms(0, 120));
         agent.kill9();
         agent = AgentProc::start(&dir);
         agent.assert_exports();
-        let (st, split, grains) = split_grains(&agent, "cl");
+        let (st, split, grains) = split_grains(&agent, map);
         println!(
-            "kill {kill}: {reported}/{grains} grains reported before, {split} after the restart"
+            "{map}: kill {kill}: {reported}/{grains} grains reported before, {split} after the restart"
         );
-        assert_eq!(st, "copying", "the clone after the restart");
+        assert_eq!(st, "copying", "{map} after the restart");
         assert!(
             split >= reported,
-            "progress went back from {reported} to {split} grains: reported copies were not durable"
+            "{map}: progress went back from {reported} to {split} grains: reported copies were not durable"
         );
         assert!(
-            agent.read(&src) == source[0],
-            "the source lost host writes after kill {kill}"
+            agent.read(source) == *on_source,
+            "{map}: the source lost host writes after kill {kill}"
+        );
+        assert!(
+            agent.read(target) == image,
+            "{map}: the target does not read its point in time after kill {kill}"
         );
         reported = split;
     }
-    host_writes(&agent, &mut rng, &mut source);
+    host_writes(&agent, rng, on_source);
     // It resumes by itself at its rate; then finish quickly.
-    copy_past(&agent, "cl", reported, 0);
-    agent.fc_ok(&["chfcmap", "cl", "--copyrate", "150"]);
-    let w = agent.json(&["wait", "cl", "--timeout", "60"]);
+    copy_past(&agent, map, reported, 0);
+    agent.fc_ok(&["chfcmap", map, "--copyrate", "150"]);
+    let w = agent.json(&["wait", map, "--timeout", "60"]);
     assert_eq!(w["state"], "idle_or_copied");
     assert_eq!(w["progress"], 100);
     assert!(
-        agent.read(&clone) == image,
-        "the clone is not the source image at the start"
+        agent.read(target) == image,
+        "{map}: the target is not the source image at the start"
     );
-    assert!(agent.read(&src) == source[0], "the source lost host writes");
-    agent.kill9();
+    assert!(
+        agent.read(source) == *on_source,
+        "{map}: the source lost host writes"
+    );
+    agent
 }
 
 /// Two volumes with a dependent writer across them (each write acknowledged before the next, on
-/// alternating volumes); a consistency-group start with kill -9 at once, during the call, or
-/// right after it returned. After the restart the group is either started with both targets at
+/// alternating volumes); a consistency-group start with kill -9 at once, while it prepares,
+/// once prepared (around the switch), or right after it returned. After the restart the group is either started with both targets at
 /// one point of the write stream (never a later write without an earlier one) covering every
 /// write acknowledged before the start, or not started and startable.
 #[test]
@@ -774,7 +834,7 @@ fn kill_around_group_start() {
     let mut base = vec![vec![0u8; size as usize]; 2];
     let mut known: Vec<Known> = Vec::new();
     let (mut started, mut unstarted) = (0, 0);
-    for round in 0..rounds().max(3) {
+    for round in 0..rounds().max(4) {
         let cg = format!("cg{round}");
         agent.fc_ok(&["mkfcconsistgrp", "--name", &cg]);
         let mut targets = Vec::new();
@@ -814,7 +874,12 @@ fn kill_around_group_start() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let (mode, ok, hi) = match round % 3 {
+        let mut kill_on = |what: &str| {
+            agent.wait_log(log_from, what);
+            std::thread::sleep(rng.ms(0, 3));
+            sigkill(pid);
+        };
+        let (mode, ok, hi) = match round % 4 {
             0 => {
                 // Before the call can have returned (fc may not even have connected).
                 std::thread::sleep(rng.ms(0, 4));
@@ -826,13 +891,19 @@ fn kill_around_group_start() {
                 )
             }
             1 => {
-                // During the call: from its first step (prepare, flush, pause, switch, commit)
-                // to a little after it, which takes some 40 ms here.
-                agent.wait_log(log_from, "StartGroup");
-                std::thread::sleep(rng.ms(0, 50));
-                sigkill(pid);
+                // Once the prepare is durable: the sources are being flushed.
+                kill_on("from=idle_or_copied to=preparing");
                 (
-                    "during",
+                    "while preparing",
+                    call.wait_with_output().unwrap().status.success(),
+                    None,
+                )
+            }
+            2 => {
+                // Once prepared: the pause, flush, switch and its commit follow.
+                kill_on("from=preparing to=prepared");
+                (
+                    "once prepared",
                     call.wait_with_output().unwrap().status.success(),
                     None,
                 )
