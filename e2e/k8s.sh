@@ -104,9 +104,12 @@ if [ -n "${KIND_CLUSTER:-}" ]; then
 fi
 
 log "install the chart ($IMAGE) in $RELEASE_NS"
+kubectl create namespace "$RELEASE_NS" --dry-run=client -o yaml | kubectl apply -f -
+# The node pod is privileged.
+kubectl label namespace "$RELEASE_NS" pod-security.kubernetes.io/enforce=privileged --overwrite
 # shellcheck disable=SC2086 # HELM_ARGS is a list of words on purpose
 helm upgrade --install "$RELEASE" "$ROOT/charts/flashcopy-csi" \
-  --namespace "$RELEASE_NS" --create-namespace \
+  --namespace "$RELEASE_NS" \
   --set image.repository="${IMAGE%:*}" --set image.tag="${IMAGE##*:}" \
   --wait --timeout 10m ${HELM_ARGS:-}
 for crd in volumesnapshots.snapshot.storage.k8s.io volumegroupsnapshots.groupsnapshot.storage.k8s.io \
