@@ -53,6 +53,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
             "dataDir": "/srv/flashcopy",
             "agent": {"port": 7000, "metricsPort": 7001, "devices": ["/dev/sdb", "/dev/sdc"]},
             "kubeSync": {"enabled": False},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
         },
         "storageClass": {"isDefault": True, "volumeBindingMode": "Immediate"},
         "volumeGroupSnapshotClass": {"apiVersion": "groupsnapshot.storage.k8s.io/v1beta2"},
@@ -70,6 +71,7 @@ BAD_VALUES: dict[str, dict[str, Any]] = {
     "port out of range": {"node": {"agent": {"port": 70000}}},
     "relative data dir": {"node": {"dataDir": "var/lib/flashcopy-csi"}},
     "device outside /dev": {"node": {"agent": {"devices": ["/tmp/disk.img"]}}},
+    "unknown update strategy": {"node": {"updateStrategy": {"type": "Recreate"}}},
     "bad deletion policy": {"volumeSnapshotClass": {"deletionPolicy": "Keep"}},
     "image reference with a space": {"sidecars": {"provisioner": {"image": "csi provisioner"}}},
 }
