@@ -73,7 +73,12 @@ wait_ready_to_use() {
 }
 
 # Checksums of the files a pod sees under a directory, as "sum name" lines sorted by name.
-sums() { k exec "$1" -- sh -c "cd '$2' && md5sum marker blob | sort -k2"; }
+sums() {
+  local out
+  out="$(k exec "$1" -- sh -c "cd '$2' && md5sum marker blob | sort -k2")" || fail "cannot read $2 in pod $1"
+  [ "$(grep -c ' marker$\| blob$' <<<"$out")" = 2 ] || fail "unexpected checksums of $2 in pod $1: $out"
+  printf '%s\n' "$out"
+}
 
 # Writes a marker and 8 MiB of random data under a directory of a pod, synced.
 write_data() {
