@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import hashlib
 import re
 import subprocess
 import sys
@@ -52,6 +53,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
             "dataDir": "/srv/flashcopy",
             "agent": {"port": 7000, "metricsPort": 7001, "devices": ["/dev/sdb", "/dev/sdc"]},
             "kubeSync": {"enabled": False},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
         },
         "storageClass": {"isDefault": True, "volumeBindingMode": "Immediate"},
         "volumeGroupSnapshotClass": {"apiVersion": "groupsnapshot.storage.k8s.io/v1beta2"},
@@ -69,6 +71,7 @@ BAD_VALUES: dict[str, dict[str, Any]] = {
     "port out of range": {"node": {"agent": {"port": 70000}}},
     "relative data dir": {"node": {"dataDir": "var/lib/flashcopy-csi"}},
     "device outside /dev": {"node": {"agent": {"devices": ["/tmp/disk.img"]}}},
+    "unknown update strategy": {"node": {"updateStrategy": {"type": "Recreate"}}},
     "bad deletion policy": {"volumeSnapshotClass": {"deletionPolicy": "Keep"}},
     "image reference with a space": {"sidecars": {"provisioner": {"image": "csi provisioner"}}},
 }
@@ -447,7 +450,15 @@ HEADER = (
 
 
 def generated_manifests(chart: helm_python.Chart) -> dict[str, str]:
-    ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
+    # The node pod is privileged: Pod Security admission must allow it in this namespace.
+    ns = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": NAMESPACE,
+            "labels": {"pod-security.kubernetes.io/enforce": "privileged"},
+        },
+    }
     parts = [HEADER.format(what=f"default values, release {RELEASE}, namespace {NAMESPACE}")]
     parts.append("---\n" + yaml.safe_dump(ns, sort_keys=False).rstrip("\n"))
     parts += [f"---\n# Source: {path}\n{text}" for path, text in render(chart, {})]
@@ -677,6 +688,21 @@ def validate_examples(fail: Failures) -> None:
     print(f"{len(objs)} objects in {len(list(EXAMPLES.glob('*.yaml')))} files")
 
 
+def upstream_unchanged(fail: Failures) -> None:
+    """The upstream CRDs are data copied unchanged from external-snapshotter: any edit (or a new
+    upstream version dropped in without updating the sums) shows here."""
+    step("upstream snapshot CRDs unchanged (ci/snapshot-crds.sha256)")
+    want = {}
+    for line in (ROOT / "ci" / "snapshot-crds.sha256").read_text().splitlines():
+        digest, name = line.split()
+        want[name] = digest
+    have = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in UPSTREAM_CRDS.glob("*.yaml")}
+    fail.check(set(have) == set(want), "snapshot-crds", f"files {sorted(have)}, want {sorted(want)}")
+    for name in sorted(set(have) & set(want)):
+        fail.check(have[name] == want[name], f"snapshot-crds/{name}", "differs from the upstream copy")
+    print(f"{len(have)} files")
+
+
 def crd_from_binary(binary: Path, fail: Failures, write: bool) -> None:
     step(f"CRDs: {binary} crd == {OUR_CRDS.relative_to(ROOT)}")
     if not binary.exists():
@@ -774,6 +800,7 @@ def main() -> int:
         step("CRDs against the binary: SKIPPED (--no-crd-check)")
     else:
         crd_from_binary(args.binary, fail, args.write)
+    upstream_unchanged(fail)
     lint_and_schema(fail)
     validate_variants(fail)
     self_test(fail)

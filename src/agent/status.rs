@@ -66,6 +66,8 @@ fn classify_volume(e: &VolumeError) -> (Code, &'static str) {
             (Code::ResourceExhausted, "NoSpace")
         }
         VolumeError::Store(_) => (Code::Internal, "Store"),
+        // The copy's mapping was stopped; the operation did not happen.
+        VolumeError::CopyIo { .. } => (Code::Aborted, "CopyIo"),
         VolumeError::Meta(_) => (Code::Internal, "Meta"),
         VolumeError::Decode(_) => (Code::Internal, "Decode"),
         VolumeError::MissingStore { .. } => (Code::Internal, "MissingStore"),

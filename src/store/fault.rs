@@ -128,6 +128,10 @@ struct State {
 pub struct FaultStore {
     state: RwLock<State>,
     point: Arc<CrashPoint>,
+    /// Reads fail with `EIO` (a medium error) while set; see [`FaultStore::fail_io`].
+    fail_reads: AtomicBool,
+    /// Writes and discards fail with `EIO` while set.
+    fail_writes: AtomicBool,
 }
 
 impl std::fmt::Debug for FaultStore {
@@ -166,7 +170,24 @@ impl FaultStore {
                 pending: Vec::new(),
             }),
             point,
+            fail_reads: AtomicBool::new(false),
+            fail_writes: AtomicBool::new(false),
         }
+    }
+
+    /// Makes reads and/or mutations (writes, discards, resizes) of this store alone fail with
+    /// `EIO` from now on, as a disk with bad media does, until called again; flushes still
+    /// succeed. Unlike a crash, no other store is affected.
+    pub fn fail_io(&self, reads: bool, writes: bool) {
+        self.fail_reads.store(reads, Ordering::Release);
+        self.fail_writes.store(writes, Ordering::Release);
+    }
+
+    fn medium_error(flag: &AtomicBool) -> Result<(), StoreError> {
+        if flag.load(Ordering::Acquire) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO).into());
+        }
+        Ok(())
     }
 
     /// The crash point this store counts against.
@@ -216,6 +237,7 @@ impl FaultStore {
         let mut s = self.state.write();
         self.point.check()?;
         check_range(offset, len, s.view.len() as u64)?;
+        Self::medium_error(&self.fail_writes)?;
         self.point.tick()?;
         let m = m();
         m.apply(&mut s.view);
@@ -233,6 +255,7 @@ impl BlockStore for FaultStore {
         let s = self.state.read();
         self.point.check()?;
         check_range(offset, buf.len() as u64, s.view.len() as u64)?;
+        Self::medium_error(&self.fail_reads)?;
         let o = offset as usize;
         buf.copy_from_slice(&s.view[o..o + buf.len()]);
         Ok(())
@@ -274,6 +297,28 @@ mod tests {
         let mut buf = vec![0; n];
         s.read_at(&mut buf, offset).unwrap();
         buf
+    }
+
+    #[test]
+    fn injected_medium_errors_fail_only_this_store_and_change_nothing() {
+        let (a, b) = (FaultStore::new(16), FaultStore::new(16));
+        a.write_at(&[7], 0).unwrap();
+        a.fail_io(false, true);
+        assert!(
+            matches!(a.write_at(&[9], 0), Err(StoreError::Io(e)) if e.raw_os_error() == Some(libc::EIO))
+        );
+        assert_eq!(
+            read(&a, 0, 1),
+            [7],
+            "reads still work and the failed write left nothing"
+        );
+        a.flush().unwrap();
+        b.write_at(&[1], 0).unwrap();
+        a.fail_io(true, false);
+        assert!(a.read_at(&mut [0; 1], 0).is_err());
+        a.write_at(&[8], 1).unwrap();
+        a.fail_io(false, false);
+        assert_eq!(read(&a, 0, 2), [7, 8]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Background copy and cleaning (FLASHCOPY.md §3.7, §5): one grain per step, each under its grain
 //! lock with the same durability order as a copy-on-write, paced by a token bucket.
 
-use super::{Batch, Pool, VolumeError};
+use super::{Batch, CopyKind, Pool, VolumeError};
 use crate::engine::{MapId, MapState, Op, rate_bytes_per_sec};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -37,9 +37,11 @@ impl Pool {
     }
 
     fn background_step_max(&self, map: MapId, cursor: u64, max: u64) -> Result<Step, VolumeError> {
-        let step = self.copy_batch(map, MapState::Copying, cursor, true, max, |e, g| {
-            e.plan_background(map, g)
-        })?;
+        let step = self
+            .copy_batch(map, MapState::Copying, cursor, true, max, |e, g| {
+                e.plan_background(map, g)
+            })
+            .map_err(|e| self.copy_failed(map, CopyKind::Background, e))?;
         if let Step::Copied { bytes, .. } = step {
             self.stats
                 .background_grains
@@ -57,9 +59,11 @@ impl Pool {
     }
 
     fn clean_step_max(&self, map: MapId, cursor: u64, max: u64) -> Result<Step, VolumeError> {
-        let step = self.copy_batch(map, MapState::Stopping, cursor, false, max, |e, g| {
-            e.plan_clean(map, g)
-        })?;
+        let step = self
+            .copy_batch(map, MapState::Stopping, cursor, false, max, |e, g| {
+                e.plan_clean(map, g)
+            })
+            .map_err(|e| self.copy_failed(map, CopyKind::Cleaning, e))?;
         if let Step::Copied { bytes, .. } = step {
             self.stats
                 .clean_grains

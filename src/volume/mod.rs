@@ -16,9 +16,13 @@
 mod backend;
 mod commit;
 mod copier;
+mod failure;
+mod stats;
 
 pub use backend::{Backend, DirBackend, FaultBackend, MemBackend};
 pub use copier::{RateLimiter, Step};
+pub use failure::CopyFailure;
+pub use stats::{BUCKETS, CopyKind, Histogram, HistogramSnapshot, IoOp, IoStats, OpStats, Stats};
 
 use crate::engine::{
     Engine, EngineError, Event, GroupId, Limits, MapId, MapState, MappingChange, MappingSpec, Op,
@@ -31,7 +35,7 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Errors of the volume layer.
@@ -63,6 +67,15 @@ pub enum VolumeError {
     /// `start --prep` of a mapping that was already prepared explicitly (FLASHCOPY.md §2.3 P2).
     #[error("mapping {0} is already prepared: start it without --prep")]
     AlreadyPrepared(MapId),
+    /// A grain copy for a mapping failed on a store; the mapping (and its group) was stopped
+    /// (FLASHCOPY.md §2.3 `IoError`).
+    #[error("a grain copy for mapping {map} failed ({source}); the mapping is stopped")]
+    CopyIo {
+        /// The mapping whose copy failed.
+        map: MapId,
+        /// The store's error.
+        source: StoreError,
+    },
 }
 
 /// Pool settings.
@@ -81,17 +94,6 @@ impl Default for PoolConfig {
             checkpoint_after: 64 << 20,
         }
     }
-}
-
-/// Counters of the data path.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Grains copied to preserve a point in time before a write.
-    pub cow_grains: AtomicU64,
-    /// Grains copied by background copy.
-    pub background_grains: AtomicU64,
-    /// Grains copied by cleaning.
-    pub clean_grains: AtomicU64,
 }
 
 /// What a start did.
@@ -116,6 +118,7 @@ pub struct Pool {
     backend: Arc<dyn Backend>,
     /// Data-path counters.
     pub stats: Stats,
+    failure_listener: failure::Listener,
 }
 
 impl std::fmt::Debug for Pool {
@@ -201,6 +204,7 @@ impl Pool {
             committer: Committer::new(journal, cfg.checkpoint_after),
             backend,
             stats: Stats::default(),
+            failure_listener: failure::Listener::default(),
         };
         if replayed > 0 {
             pool.committer.checkpoint(&pool.engine)?;
@@ -593,9 +597,11 @@ impl Pool {
         let pause = t0.elapsed();
         match op {
             Op::Start { map, .. } => {
+                self.stats.start_pause_mapping.observe(pause);
                 tracing::info!(map = %map, pause_us = pause.as_micros() as u64, "point in time taken")
             }
             Op::StartGroup { group, .. } => {
+                self.stats.start_pause_group.observe(pause);
                 tracing::info!(group = %group, pause_us = pause.as_micros() as u64, "point in time taken for the group")
             }
             _ => {}
@@ -639,6 +645,10 @@ impl Pool {
 
     /// Writes `data` to `vol` at `offset`, copying grains first where a point in time needs them.
     pub fn write(&self, vol: VolId, offset: u64, data: &[u8]) -> Result<(), VolumeError> {
+        failure::retry_after_copy_failure(self, || self.write_once(vol, offset, data))
+    }
+
+    fn write_once(&self, vol: VolId, offset: u64, data: &[u8]) -> Result<(), VolumeError> {
         let _gate = self.gate.read();
         let (shape, size) = {
             let e = self.engine.read();
@@ -702,9 +712,10 @@ impl Pool {
             if c.from == c.to {
                 continue;
             }
-            self.store(c.from).read_at(&mut buf, start)?;
             let to = self.store(c.to);
-            to.write_at(&buf, start)?;
+            let res = self.store(c.from).read_at(&mut buf, start);
+            res.and_then(|()| to.write_at(&buf, start))
+                .map_err(|e| self.copy_io(c.to, plan, e))?;
             dirty.push(to);
         }
         Ok(dirty)

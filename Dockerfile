@@ -1,0 +1,36 @@
+# syntax=docker/dockerfile:1
+# The one image of every flashcopy-csi container (agent, csi controller/node, snapshot-controller,
+# kube-sync): the binary plus what the node side runs (mkfs, mount, losetup, nbdfuse, nbd-client).
+#
+#   docker build -t flashcopy-csi:0.1.0 .
+#
+# Dependencies come from crates.io only; the protos compile without protoc (protox in build.rs).
+
+ARG RUST_VERSION=1.95
+ARG DEBIAN_RELEASE=bookworm
+
+FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
+# cmake: for crypto crates that build C sources (rustls' aws-lc-rs backend), harmless otherwise.
+RUN export DEBIAN_FRONTEND=noninteractive \
+ && apt-get update \
+ && apt-get install -y --no-install-recommends cmake \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin flashcopy-csi \
+ && install -D -m 0755 target/release/flashcopy-csi /out/flashcopy-csi
+
+FROM debian:${DEBIAN_RELEASE}-slim
+# util-linux/mount: mount, umount, losetup, blkid; e2fsprogs/xfsprogs: mkfs and resize;
+# libnbd-bin: nbdfuse (NBD export as a file, for loop, where the nbd module is missing; on
+# bookworm nbdfuse ships in libnbd-bin); fuse3: fusermount3; nbd-client: kernel nbd attach
+# tools; kmod: modprobe nbd when the host's modules are mounted; ca-certificates: TLS to the API.
+RUN export DEBIAN_FRONTEND=noninteractive \
+ && apt-get update \
+ && apt-get install -y --no-install-recommends \
+      ca-certificates util-linux mount e2fsprogs xfsprogs libnbd-bin fuse3 nbd-client kmod \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /out/flashcopy-csi /usr/local/bin/flashcopy-csi
+ENTRYPOINT ["/usr/local/bin/flashcopy-csi"]
