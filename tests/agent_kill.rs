@@ -25,6 +25,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
+/// Concurrent writers on the source in the snapshot test.
+const WRITERS: usize = 3;
 
 struct Rng(u64);
 impl Rng {
@@ -360,8 +362,41 @@ struct Writer {
     thread: std::thread::JoinHandle<()>,
 }
 
+/// Bytes striped among `n` concurrent writers: writer `w` owns the 64 KiB stripes `s` with
+/// `s % n == w`, so their writes never overlap but do share grains (64 or 256 KiB).
+#[derive(Clone, Copy, Debug)]
+struct Own {
+    w: usize,
+    n: usize,
+}
+
+const ALONE: Own = Own { w: 0, n: 1 };
+const STRIPE: usize = 64 * 1024;
+
+impl Own {
+    /// `a` and `b` agree on every byte this writer owns.
+    fn eq(self, a: &[u8], b: &[u8]) -> bool {
+        if self.n == 1 {
+            return a == b;
+        }
+        (self.w..a.len().div_ceil(STRIPE)).step_by(self.n).all(|s| {
+            let r = s * STRIPE..((s + 1) * STRIPE).min(a.len());
+            a[r.clone()] == b[r]
+        })
+    }
+
+    /// Copies this writer's bytes from `from` into `to`.
+    fn copy(self, from: &[u8], to: &mut [u8]) {
+        for s in (self.w..from.len().div_ceil(STRIPE)).step_by(self.n) {
+            let r = s * STRIPE..((s + 1) * STRIPE).min(from.len());
+            to[r.clone()].copy_from_slice(&from[r]);
+        }
+    }
+}
+
 impl Writer {
-    fn spawn(uris: Vec<String>, size: u64, seed: u64) -> Self {
+    /// Writes of 4 KiB to 64 KiB; with `own.n > 1`, each inside one of the writer's stripes.
+    fn spawn(uris: Vec<String>, size: u64, seed: u64, own: Own) -> Self {
         let log = Arc::new(Mutex::new(Log::default()));
         let l = log.clone();
         let thread = std::thread::spawn(move || {
@@ -371,9 +406,18 @@ impl Writer {
             for i in 0.. {
                 let vol = i % qios.len();
                 let nblk = rng.range(1, 17);
+                let off = if own.n == 1 {
+                    rng.range(0, blocks - nblk + 1) * 4096
+                } else {
+                    let stripes = size / STRIPE as u64;
+                    let s =
+                        rng.range(0, stripes.div_ceil(own.n as u64)) * own.n as u64 + own.w as u64;
+                    let s = if s < stripes { s } else { own.w as u64 };
+                    s * STRIPE as u64 + rng.range(0, 16 - nblk + 1) * 4096
+                };
                 let w = Wr {
                     vol,
-                    off: rng.range(0, blocks - nblk + 1) * 4096,
+                    off,
                     len: nblk * 4096,
                     pat: rng.range(1, 256) as u8,
                 };
@@ -420,20 +464,20 @@ fn apply(imgs: &mut [Vec<u8>], w: &Wr) {
 }
 
 /// The smallest `p` in `lo..=hi` such that every `(volume index, image)` in `actual` equals
-/// `base` after `writes[..p]`; with the images of that prefix.
+/// `base` after `writes[..p]` on the bytes `own` owns; with the images of that prefix.
 fn find_prefix(
     base: &[Vec<u8>],
     writes: &[Wr],
-    lo: usize,
-    hi: usize,
+    (lo, hi): (usize, usize),
     actual: &[(usize, &[u8])],
+    own: Own,
 ) -> Option<(usize, Vec<Vec<u8>>)> {
     let mut imgs = base.to_vec();
     for w in &writes[..lo] {
         apply(&mut imgs, w);
     }
     for p in lo..=hi.min(writes.len()) {
-        if actual.iter().all(|(v, a)| imgs[*v] == *a) {
+        if actual.iter().all(|(v, a)| own.eq(&imgs[*v], a)) {
             return Some((p, imgs));
         }
         if p < writes.len() {
@@ -443,19 +487,24 @@ fn find_prefix(
     None
 }
 
-/// Checks a source after the kill: every acknowledged write is there; each byte of a write in
-/// flight at the kill is old or new. Returns nothing: the caller adopts `actual` as the new base.
-fn check_source(base: &[Vec<u8>], log: &Log, vol: usize, actual: &[u8]) {
+/// Checks a source after the kill against the logs of writers of disjoint bytes: every
+/// acknowledged write is there; each byte of a write in flight at the kill is old or new.
+/// Returns nothing: the caller adopts `actual` as the new base.
+fn check_source(base: &[Vec<u8>], logs: &[&Log], vol: usize, actual: &[u8]) {
     let mut imgs = base.to_vec();
-    for w in &log.writes[..log.acked] {
-        apply(&mut imgs, w);
+    for log in logs {
+        for w in &log.writes[..log.acked] {
+            apply(&mut imgs, w);
+        }
     }
     let want = &imgs[vol];
     assert_eq!(actual.len(), want.len(), "volume {vol} size");
-    let in_flight: Vec<&Wr> = log.writes[log.acked..]
+    let in_flight: Vec<&Wr> = logs
         .iter()
+        .flat_map(|l| &l.writes[l.acked..])
         .filter(|w| w.vol == vol)
         .collect();
+    let acked: Vec<usize> = logs.iter().map(|l| l.acked).collect();
     for (i, (a, b)) in actual.iter().zip(want).enumerate() {
         if a == b {
             continue;
@@ -466,8 +515,7 @@ fn check_source(base: &[Vec<u8>], log: &Log, vol: usize, actual: &[u8]) {
                 .iter()
                 .any(|w| (w.off..w.off + w.len).contains(&i) && w.pat == *a),
             "volume {vol} byte {i} reads {a:#x}, expected {b:#x} (every acknowledged write \
-             applied; in flight: {in_flight:?}; {} acknowledged)",
-            log.acked
+             applied; in flight: {in_flight:?}; {acked:?} acknowledged)"
         );
     }
 }
@@ -528,33 +576,43 @@ fn kill_during_writes_and_snapshots() {
             ]);
             snaps.push((format!("m{round}-{k}"), export));
         }
-        let writer = Writer::spawn(vec![agent.nbd(&src)], size, rng.next());
+        let writers: Vec<Writer> = (0..WRITERS)
+            .map(|w| {
+                let own = Own { w, n: WRITERS };
+                Writer::spawn(vec![agent.nbd(&src)], size, rng.next(), own)
+            })
+            .collect();
         let kill_after = rng.ms(100, 900);
         let pid = agent.pid();
         let killer = std::thread::spawn(move || {
             std::thread::sleep(kill_after);
             sigkill(pid);
         });
-        // (mapping, lo, hi, start reported done)
-        let mut starts: Vec<(usize, usize, Option<usize>, bool)> = Vec::new();
+        // (mapping, per writer: acknowledged before the call, issued once it returned)
+        let mut starts: Vec<(usize, Vec<(usize, Option<usize>)>, bool)> = Vec::new();
         for k in 0..snaps.len() {
             std::thread::sleep(rng.ms(10, 250));
-            let lo = writer.acked();
+            let lo: Vec<usize> = writers.iter().map(Writer::acked).collect();
             let out = agent.fc(&["startfcmap", "--prep", &snaps[k].0]);
-            let hi = writer.issued();
             let ok = out.status.success();
-            starts.push((k, lo, ok.then_some(hi), ok));
+            let window = writers
+                .iter()
+                .zip(lo)
+                .map(|(w, lo)| (lo, ok.then(|| w.issued())))
+                .collect();
+            starts.push((k, window, ok));
             if !ok {
                 break; // the agent is gone; this start may or may not have happened
             }
         }
         killer.join().unwrap();
         agent.reap();
-        let log = writer.finish();
+        let logs: Vec<Log> = writers.into_iter().map(Writer::finish).collect();
+        let logs: Vec<&Log> = logs.iter().collect();
         println!(
-            "round {round}: killed after {kill_after:?}: {} writes acknowledged, {} issued, {} starts requested",
-            log.acked,
-            log.writes.len(),
+            "round {round}: killed after {kill_after:?}: {:?} writes acknowledged, {:?} issued, {} starts requested",
+            logs.iter().map(|l| l.acked).collect::<Vec<_>>(),
+            logs.iter().map(|l| l.writes.len()).collect::<Vec<_>>(),
             starts.len()
         );
 
@@ -567,7 +625,7 @@ fn kill_during_writes_and_snapshots() {
         agent = AgentProc::start(&dir);
         agent.assert_exports();
         let actual = agent.read(&src);
-        check_source(&base, &log, 0, &actual);
+        check_source(&base, &logs, 0, &actual);
         let maps = agent.json(&["lsfcmap"]);
         for (k, (map, export)) in snaps.iter().enumerate() {
             let m = maps
@@ -580,28 +638,38 @@ fn kill_during_writes_and_snapshots() {
             if state(m) == "copying" {
                 // (The target of a prepared mapping is offline, so read only now.)
                 let target = agent.read(export);
-                let (_, lo, hi, _) = *start.unwrap_or_else(|| panic!("{map} started by itself"));
-                let hi = hi.unwrap_or(log.writes.len());
-                let Some((p, imgs)) = find_prefix(&base, &log.writes, lo, hi, &[(0, &target)])
-                else {
-                    panic!(
-                        "{map}: the target is not the source as of its start (after {lo}..={hi} \
-                         of the writes)\n{}",
-                        agent.log_tail()
-                    );
-                };
-                println!("  {map}: point in time after write {p} (window {lo}..={hi})");
-                if p > 0 && p < log.acked {
-                    mid_stream += 1;
+                let (_, window, _) = start.unwrap_or_else(|| panic!("{map} started by itself"));
+                // Each writer's bytes: one point of its own stream within its window.
+                let mut image = base[0].clone();
+                let mut points = Vec::new();
+                for (w, (log, &(lo, hi))) in logs.iter().zip(window).enumerate() {
+                    let hi = hi.unwrap_or(log.writes.len());
+                    let own = Own { w, n: WRITERS };
+                    let Some((p, imgs)) =
+                        find_prefix(&base, &log.writes, (lo, hi), &[(0, &target)], own)
+                    else {
+                        panic!(
+                            "{map}: writer {w}'s bytes on the target are not the source as of the \
+                             start (after {lo}..={hi} of its writes)\n{}",
+                            agent.log_tail()
+                        );
+                    };
+                    own.copy(&imgs[0], &mut image);
+                    points.push(format!("{p} in {lo}..={hi}"));
+                    if p > 0 && p < log.acked {
+                        mid_stream += 1;
+                    }
                 }
+                println!("  {map}: point in time after writes {points:?}");
+                assert!(image == target);
                 known.push(Known {
                     export: export.clone(),
-                    image: imgs.into_iter().next().unwrap(),
+                    image,
                 });
             } else {
                 // Not started: only a start the kill interrupted, and it can be started now.
                 assert!(
-                    start.is_none_or(|s| !s.3),
+                    start.is_none_or(|s| !s.2),
                     "{map} reported started but is {} after the restart",
                     state(m)
                 );
@@ -774,7 +842,7 @@ fn copy_with_kills(
     for kill in 0..2 {
         host_writes(&agent, rng, on_source);
         // A writer races the copy (copy-on-write against background copy) through the kill.
-        let writer = Writer::spawn(vec![agent.nbd(source)], size, rng.next());
+        let writer = Writer::spawn(vec![agent.nbd(source)], size, rng.next(), ALONE);
         let (_, _, grains) = split_grains(&agent, map);
         reported = copy_past(&agent, map, reported, (kill + 1) * grains / 6);
         std::thread::sleep(rng.ms(0, 120));
@@ -786,19 +854,24 @@ fn copy_with_kills(
         println!(
             "{map}: kill {kill}: {reported}/{grains} grains reported before, {split} after the restart"
         );
-        assert_eq!(st, "copying", "{map} after the restart");
+        // Copying again, or already completed by the restarted workers (they start at once).
+        let done = st == "idle_or_copied" && agent.json(&["lsfcmap", map])["progress"] == 100;
+        assert!(st == "copying" || done, "{map} is {st} after the restart");
         assert!(
             split >= reported,
             "{map}: progress went back from {reported} to {split} grains: reported copies were not durable"
         );
         let actual = agent.read(source);
-        check_source(std::slice::from_ref(on_source), &log, 0, &actual);
+        check_source(std::slice::from_ref(on_source), &[&log], 0, &actual);
         *on_source = actual;
         assert!(
             agent.read(target) == image,
             "{map}: the target does not read its point in time after kill {kill}"
         );
         reported = split;
+        if done {
+            break;
+        }
     }
     host_writes(&agent, rng, on_source);
     // It resumes by itself at its rate (or has completed already); then finish quickly.
@@ -872,6 +945,7 @@ fn kill_around_group_start() {
             vols.iter().map(|v| agent.nbd(v)).collect(),
             size,
             rng.next(),
+            ALONE,
         );
         std::thread::sleep(rng.ms(30, 150));
         let lo = writer.acked();
@@ -949,7 +1023,7 @@ fn kill_around_group_start() {
         agent.assert_exports();
         let actual: Vec<Vec<u8>> = vols.iter().map(|v| agent.read(v)).collect();
         for (i, a) in actual.iter().enumerate() {
-            check_source(&base, &log, i, a);
+            check_source(&base, &[&log], i, a);
         }
         let g = agent.json(&["lsfcconsistgrp", &cg]);
         let st = state(&g).to_string();
@@ -959,9 +1033,13 @@ fn kill_around_group_start() {
         }
         let expect = if st == "copying" {
             let imgs: Vec<Vec<u8>> = targets.iter().map(|t| agent.read(t)).collect();
-            let Some((p, expect)) =
-                find_prefix(&base, &log.writes, lo, hi, &[(0, &imgs[0]), (1, &imgs[1])])
-            else {
+            let Some((p, expect)) = find_prefix(
+                &base,
+                &log.writes,
+                (lo, hi),
+                &[(0, &imgs[0]), (1, &imgs[1])],
+                ALONE,
+            ) else {
                 panic!(
                     "{cg}: the targets are not one point of the write stream within writes \
                      {lo}..={hi}\n{}",
