@@ -540,6 +540,17 @@ fn check_known(agent: &AgentProc, known: &[Known]) {
     }
 }
 
+/// A start requested in the snapshot test.
+struct Start {
+    /// Index of the snapshot in its round.
+    snap: usize,
+    /// Per writer: writes acknowledged before the call, and issued once it returned (`None`:
+    /// it did not return).
+    window: Vec<(usize, Option<usize>)>,
+    /// The call reported success.
+    ok: bool,
+}
+
 /// Writes to a volume with snapshots started mid-stream, kill -9 at a random moment, restart:
 /// every export is back, every acknowledged write is on the source, and every started snapshot
 /// (from this round and every earlier one, in one cascade) reads its point in time.
@@ -588,8 +599,7 @@ fn kill_during_writes_and_snapshots() {
             std::thread::sleep(kill_after);
             sigkill(pid);
         });
-        // (mapping, per writer: acknowledged before the call, issued once it returned)
-        let mut starts: Vec<(usize, Vec<(usize, Option<usize>)>, bool)> = Vec::new();
+        let mut starts: Vec<Start> = Vec::new();
         for k in 0..snaps.len() {
             std::thread::sleep(rng.ms(10, 250));
             let lo: Vec<usize> = writers.iter().map(Writer::acked).collect();
@@ -600,7 +610,11 @@ fn kill_during_writes_and_snapshots() {
                 .zip(lo)
                 .map(|(w, lo)| (lo, ok.then(|| w.issued())))
                 .collect();
-            starts.push((k, window, ok));
+            starts.push(Start {
+                snap: k,
+                window,
+                ok,
+            });
             if !ok {
                 break; // the agent is gone; this start may or may not have happened
             }
@@ -634,11 +648,13 @@ fn kill_during_writes_and_snapshots() {
                 .iter()
                 .find(|m| m["name"] == map.as_str())
                 .unwrap_or_else(|| panic!("mapping {map} is gone after the restart"));
-            let start = starts.iter().find(|s| s.0 == k);
+            let start = starts.iter().find(|s| s.snap == k);
             if state(m) == "copying" {
                 // (The target of a prepared mapping is offline, so read only now.)
                 let target = agent.read(export);
-                let (_, window, _) = start.unwrap_or_else(|| panic!("{map} started by itself"));
+                let window = &start
+                    .unwrap_or_else(|| panic!("{map} started by itself"))
+                    .window;
                 // Each writer's bytes: one point of its own stream within its window.
                 let mut image = base[0].clone();
                 let mut points = Vec::new();
@@ -669,7 +685,7 @@ fn kill_during_writes_and_snapshots() {
             } else {
                 // Not started: only a start the kill interrupted, and it can be started now.
                 assert!(
-                    start.is_none_or(|s| !s.2),
+                    start.is_none_or(|s| !s.ok),
                     "{map} reported started but is {} after the restart",
                     state(m)
                 );
