@@ -6,10 +6,13 @@
 //! from the agent before the kill.
 //!
 //! A SIGKILL loses no page cache and the agent keeps no user-space write cache, so every write
-//! acknowledged to the client must survive, flushed or not; the one write in flight at the kill
-//! may have landed in part (each byte old or new). A start drains and flushes I/O, so a snapshot
-//! reads exactly the source after some prefix of the (sequential) write stream: every write
-//! acknowledged before the start was requested, none issued after it returned.
+//! acknowledged to the client must survive, flushed or not; the write in flight at the kill (one
+//! per writer) may have landed in part (each byte old or new). Each writer is sequential (a write
+//! is issued once the previous one completed) and writers own disjoint bytes. A start drains and
+//! flushes I/O, so on each writer's bytes a snapshot reads exactly the source after some prefix
+//! of that writer's stream: every write acknowledged before the start was requested, none issued
+//! after it returned. On two volumes written alternately by one writer, that prefix is one point
+//! of the dependent sequence for both targets of a group.
 //!
 //! `KILL_ROUNDS` (default 3) sets the rounds of the writes and group tests; `KILL_SEED` the seed
 //! (printed; the kill moments depend on timing too).
