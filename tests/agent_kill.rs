@@ -1098,3 +1098,120 @@ fn kill_around_group_start() {
     println!("{started} group starts survived the kill, {unstarted} did not happen");
     agent.kill9();
 }
+
+/// Fills `len` bytes from `rng` and writes them over the export with `nbdcopy`.
+fn random_image(agent: &AgentProc, export: &str, len: u64, rng: &mut Rng, tmp: &Path) -> Vec<u8> {
+    let mut image = vec![0u8; len as usize];
+    for c in image.chunks_mut(8) {
+        c.copy_from_slice(&rng.next().to_le_bytes());
+    }
+    let file = tmp.join("image.bin");
+    std::fs::write(&file, &image).unwrap();
+    let o = Command::new("nbdcopy")
+        .arg(&file)
+        .arg(agent.nbd(export))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    image
+}
+
+/// Two snapshots of a 24 MiB volume, then the whole source rewritten: every grain is copied to
+/// the newer snapshot B first, and the older A reads nearly all of its image through B. Stopping
+/// B cleans those grains into A at the clean rate; kill -9 twice mid-cleaning. After each restart
+/// A still reads its image and B is stopping (or done cleaning); at the end A holds its image by itself,
+/// even once B's mapping and volume are gone.
+#[test]
+fn kill_during_cleaning() {
+    if !peers() {
+        return;
+    }
+    let mut rng = Rng::new(seed("kill_during_cleaning"));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let size = 24 * MIB;
+    let mut agent = AgentProc::start(&dir);
+    let src = agent.mkvol("src", size);
+    let a = agent.mkvol("a", size);
+    let b = agent.mkvol("b", size);
+    let image0 = random_image(&agent, &src, size, &mut rng, tmp.path());
+    for (map, target) in [("ma", "a"), ("mb", "b")] {
+        agent.fc_ok(&[
+            "mkfcmap",
+            "--source",
+            "src",
+            "--target",
+            target,
+            "--copyrate",
+            "0",
+            "--cleanrate",
+            "65",
+            "--name",
+            map,
+        ]);
+    }
+    agent.fc_ok(&["startfcmap", "--prep", "ma"]);
+    // A few writes between the snapshots: those grains go to A itself.
+    let mut image1 = image0.clone();
+    let mut q = Qio::open(&agent.nbd(&src));
+    for _ in 0..6 {
+        let nblk = rng.range(1, 17);
+        let w = Wr {
+            vol: 0,
+            off: rng.range(0, size / 4096 - nblk + 1) * 4096,
+            len: 4096 * nblk,
+            pat: rng.range(1, 256) as u8,
+        };
+        assert!(q.write(&w, false), "host write {w:?}");
+        apply(std::slice::from_mut(&mut image1), &w);
+    }
+    drop(q);
+    agent.fc_ok(&["startfcmap", "--prep", "mb"]);
+    let image2 = random_image(&agent, &src, size, &mut rng, tmp.path());
+    assert!(agent.read(&a) == image0, "A before the stop");
+    assert!(agent.read(&b) == image1, "B before the stop");
+
+    agent.fc_ok(&["stopfcmap", "mb"]);
+    for kill in 0..2 {
+        std::thread::sleep(rng.ms(50, 500));
+        let st = agent.json(&["lsfcmap", "mb"]);
+        if kill == 0 {
+            assert_eq!(
+                state(&st),
+                "stopping",
+                "B finished cleaning before the kill"
+            );
+        }
+        agent.kill9();
+        agent = AgentProc::start(&dir);
+        agent.assert_exports();
+        let st = state(&agent.json(&["lsfcmap", "mb"])).to_string();
+        println!("kill {kill}: B is {st} after the restart");
+        // B is fully split, so it ends idle_or_copied (stopped if it were not).
+        assert!(
+            ["stopping", "stopped", "idle_or_copied"].contains(&st.as_str()),
+            "B is {st}"
+        );
+        assert!(
+            agent.read(&a) == image0,
+            "A lost its image in cleaning after kill {kill}"
+        );
+        assert!(agent.read(&src) == image2, "the source after kill {kill}");
+    }
+    agent.fc_ok(&["chfcmap", "mb", "--cleanrate", "150"]);
+    let t0 = Instant::now();
+    while state(&agent.json(&["lsfcmap", "mb"])) == "stopping" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "cleaning never ends"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    agent.fc_ok(&["rmfcmap", "mb"]);
+    agent.fc_ok(&["rmvol", "b"]);
+    assert!(agent.read(&a) == image0, "A without B");
+    agent.kill9();
+    let agent = AgentProc::start(&dir);
+    assert!(agent.read(&a) == image0, "A without B, after a restart");
+    agent.kill9();
+}
