@@ -42,7 +42,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-die() { echo "nbd.sh: $*" >&2; exit 1; }
+die() {
+  echo "nbd.sh: $*" >&2
+  [ ! -s "${W:-}/servers.log" ] || { echo "--- servers.log (tail)" >&2; tail -20 "$W/servers.log" >&2; }
+  exit 1
+}
 for tool in fio qemu-nbd qemu-img nbdkit python3; do
   command -v "$tool" >/dev/null || die "$tool is missing (Debian: fio, qemu-utils, nbdkit, python3)"
 done
@@ -133,11 +137,22 @@ EOF
 RESULTS=$W/results.tsv
 : >"$RESULTS"
 # run ROW SERVER URI FIO-ARGS...: one fio run, appended to the results as MiB/s and IOPS.
+# $ENSURE (if set) runs first. A failed run is fatal for ours; a peer's is reported and skipped.
+ENSURE=""
 run() {
   local row=$1 server=$2 uri=$3; shift 3
   local out=$W/fio.json
-  fio --name="$row" --ioengine=nbd --uri="$uri" --output-format=json --output="$out" \
-    "$@" >>"$W/fio.log" 2>&1 || { tail -5 "$W/fio.log" >&2; die "fio $row on $server failed"; }
+  if [ -n "$ENSURE" ] && ! $ENSURE; then
+    echo "  $row on $server: not measured" >&2
+    return 0
+  fi
+  if ! fio --name="$row" --ioengine=nbd --uri="$uri" --output-format=json --output="$out" \
+    "$@" >>"$W/fio.log" 2>&1; then
+    tail -3 "$W/fio.log" >&2
+    [ "$server" != ours ] || die "fio $row on $server failed"
+    echo "  $row on $server failed: not counted" >&2
+    return 0
+  fi
   python3 - "$out" "$row" "$server" >>"$RESULTS" <<'EOF'
 import json, sys
 job = json.load(open(sys.argv[1]))["jobs"][0]
@@ -164,14 +179,15 @@ rows_plain() { # SERVER URI
 # rows_cow SETUP TEARDOWN SERVER URI: two fresh snapshots, one for the random rows, one for
 # the sequential rows (the random pass copies every grain).
 rows_cow() {
-  local setup=$1 teardown=$2 server=$3 uri=$4
+  local setup=$1 teardown=$2 server=$3 uri=$4 check=$5
   $setup
   run cow-rand-first "$server" "$uri" "${PASS[@]}" "${REPLAY[@]}" --read_iolog="$W/first.iolog"
-  run cow-rand-rewrite "$server" "$uri" "${PASS[@]}" "${REPLAY[@]}" --read_iolog="$W/rewrite.iolog"
+  ENSURE="$check" run cow-rand-rewrite "$server" "$uri" "${PASS[@]}" "${REPLAY[@]}" \
+    --read_iolog="$W/rewrite.iolog"
   $teardown
   $setup
   run cow-seq-first "$server" "$uri" "${PASS[@]}" --rw=write --bs=1M --iodepth=4 --size="$BYTES"
-  run cow-seq-rewrite "$server" "$uri" "${TIMED[@]}" --rw=write --bs=1M --iodepth=4
+  ENSURE="$check" run cow-seq-rewrite "$server" "$uri" "${TIMED[@]}" --rw=write --bs=1M --iodepth=4
   $teardown
 }
 
@@ -181,6 +197,10 @@ KIT="nbd+unix:///?socket=$W/nbdkit.sock"
 QCOW="nbd+unix:///?socket=$W/qcow2.sock"
 COW="nbd+unix:///?socket=$W/cow.sock"
 
+# A peer's overlay dies with its server: the rewrite rows then cannot be measured.
+overlay_alive() {
+  kill -0 "${!1}" 2>/dev/null || { echo "  the overlay's server exited" >&2; return 1; }
+}
 cow_ours_up() {
   fc mkvol snap "$BYTES"
   fc mkfcmap --source src --target snap --name snap --copyrate 0 --grainsize "$GRAIN"
@@ -206,18 +226,33 @@ T0=$(date +%s)
 echo "nbd.sh: $FS ($DIR), $SIZE, ${RAMP}s ramp + ${RUNTIME}s per timed row, $REPS reps, ${GRAIN} KiB grains" >&2
 
 # --- without a snapshot: the three servers on the same file, interleaved ------------------------
-start "$W/qemu.sock" qemu-nbd -f raw -k "$W/qemu.sock" -t "${QCACHE[@]}" -e 4 "$F"
-QEMU_PID=$SPID
-start "$W/nbdkit.sock" nbdkit -U "$W/nbdkit.sock" -f file "$F"
-KIT_PID=$SPID
+qemu_up() {
+  start "$W/qemu.sock" qemu-nbd -f raw -k "$W/qemu.sock" -t "${QCACHE[@]}" -e 4 "$F"
+  QEMU_PID=$SPID
+}
+kit_up() {
+  start "$W/nbdkit.sock" nbdkit -U "$W/nbdkit.sock" -f file "$F"
+  KIT_PID=$SPID
+}
+# A peer that died (nbdkit 1.32 aborts now and then when a client disconnects) is restarted
+# before its next rows, and the fact is reported.
+alive() { # PID-VARIABLE NAME UP-FUNCTION
+  kill -0 "${!1}" 2>/dev/null && return 0
+  echo "  $2 exited; restarting it" >&2
+  stop "${!1}"
+  rm -f "$W/$2.sock"
+  $3
+}
+qemu_up
+kit_up
 for rep in $(seq "$REPS"); do
   echo "rep $rep/$REPS: no snapshot" >&2
   order=(ours qemu-nbd nbdkit)
   for i in 0 1 2; do
     case ${order[$(((i + rep - 1) % 3))]} in
       ours) rows_plain ours "$OURS" ;;
-      qemu-nbd) rows_plain qemu-nbd "$QEMU" ;;
-      nbdkit) rows_plain nbdkit "$KIT" ;;
+      qemu-nbd) ENSURE="alive QEMU_PID qemu qemu_up" rows_plain qemu-nbd "$QEMU" ;;
+      nbdkit) ENSURE="alive KIT_PID nbdkit kit_up" rows_plain nbdkit "$KIT" ;;
     esac
   done
 done
@@ -231,9 +266,9 @@ for rep in $(seq "$REPS"); do
   order=(ours qcow2 cow)
   for i in 0 1 2; do
     case ${order[$(((i + rep - 1) % 3))]} in
-      ours) rows_cow cow_ours_up cow_ours_down ours "$OURS" ;;
-      qcow2) rows_cow cow_qcow2_up cow_qcow2_down qcow2 "$QCOW" ;;
-      cow) rows_cow cow_kit_up cow_kit_down nbdkit-cow "$COW" ;;
+      ours) rows_cow cow_ours_up cow_ours_down ours "$OURS" "" ;;
+      qcow2) rows_cow cow_qcow2_up cow_qcow2_down qcow2 "$QCOW" "overlay_alive QCOW_PID" ;;
+      cow) rows_cow cow_kit_up cow_kit_down nbdkit-cow "$COW" "overlay_alive COW_PID" ;;
     esac
   done
 done
