@@ -6,10 +6,13 @@
 //! from the agent before the kill.
 //!
 //! A SIGKILL loses no page cache and the agent keeps no user-space write cache, so every write
-//! acknowledged to the client must survive, flushed or not; the one write in flight at the kill
-//! may have landed in part (each byte old or new). A start drains and flushes I/O, so a snapshot
-//! reads exactly the source after some prefix of the (sequential) write stream: every write
-//! acknowledged before the start was requested, none issued after it returned.
+//! acknowledged to the client must survive, flushed or not; the write in flight at the kill (one
+//! per writer) may have landed in part (each byte old or new). Each writer is sequential (a write
+//! is issued once the previous one completed) and writers own disjoint bytes. A start drains and
+//! flushes I/O, so on each writer's bytes a snapshot reads exactly the source after some prefix
+//! of that writer's stream: every write acknowledged before the start was requested, none issued
+//! after it returned. On two volumes written alternately by one writer, that prefix is one point
+//! of the dependent sequence for both targets of a group.
 //!
 //! `KILL_ROUNDS` (default 3) sets the rounds of the writes and group tests; `KILL_SEED` the seed
 //! (printed; the kill moments depend on timing too).
@@ -25,6 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
+/// Concurrent writers on the source in the snapshot test.
+const WRITERS: usize = 3;
 
 struct Rng(u64);
 impl Rng {
@@ -360,8 +365,41 @@ struct Writer {
     thread: std::thread::JoinHandle<()>,
 }
 
+/// Bytes striped among `n` concurrent writers: writer `w` owns the 64 KiB stripes `s` with
+/// `s % n == w`, so their writes never overlap but do share grains (64 or 256 KiB).
+#[derive(Clone, Copy, Debug)]
+struct Own {
+    w: usize,
+    n: usize,
+}
+
+const ALONE: Own = Own { w: 0, n: 1 };
+const STRIPE: usize = 64 * 1024;
+
+impl Own {
+    /// `a` and `b` agree on every byte this writer owns.
+    fn eq(self, a: &[u8], b: &[u8]) -> bool {
+        if self.n == 1 {
+            return a == b;
+        }
+        (self.w..a.len().div_ceil(STRIPE)).step_by(self.n).all(|s| {
+            let r = s * STRIPE..((s + 1) * STRIPE).min(a.len());
+            a[r.clone()] == b[r]
+        })
+    }
+
+    /// Copies this writer's bytes from `from` into `to`.
+    fn copy(self, from: &[u8], to: &mut [u8]) {
+        for s in (self.w..from.len().div_ceil(STRIPE)).step_by(self.n) {
+            let r = s * STRIPE..((s + 1) * STRIPE).min(from.len());
+            to[r.clone()].copy_from_slice(&from[r]);
+        }
+    }
+}
+
 impl Writer {
-    fn spawn(uris: Vec<String>, size: u64, seed: u64) -> Self {
+    /// Writes of 4 KiB to 64 KiB; with `own.n > 1`, each inside one of the writer's stripes.
+    fn spawn(uris: Vec<String>, size: u64, seed: u64, own: Own) -> Self {
         let log = Arc::new(Mutex::new(Log::default()));
         let l = log.clone();
         let thread = std::thread::spawn(move || {
@@ -371,9 +409,18 @@ impl Writer {
             for i in 0.. {
                 let vol = i % qios.len();
                 let nblk = rng.range(1, 17);
+                let off = if own.n == 1 {
+                    rng.range(0, blocks - nblk + 1) * 4096
+                } else {
+                    let stripes = size / STRIPE as u64;
+                    let s =
+                        rng.range(0, stripes.div_ceil(own.n as u64)) * own.n as u64 + own.w as u64;
+                    let s = if s < stripes { s } else { own.w as u64 };
+                    s * STRIPE as u64 + rng.range(0, 16 - nblk + 1) * 4096
+                };
                 let w = Wr {
                     vol,
-                    off: rng.range(0, blocks - nblk + 1) * 4096,
+                    off,
                     len: nblk * 4096,
                     pat: rng.range(1, 256) as u8,
                 };
@@ -420,20 +467,20 @@ fn apply(imgs: &mut [Vec<u8>], w: &Wr) {
 }
 
 /// The smallest `p` in `lo..=hi` such that every `(volume index, image)` in `actual` equals
-/// `base` after `writes[..p]`; with the images of that prefix.
+/// `base` after `writes[..p]` on the bytes `own` owns; with the images of that prefix.
 fn find_prefix(
     base: &[Vec<u8>],
     writes: &[Wr],
-    lo: usize,
-    hi: usize,
+    (lo, hi): (usize, usize),
     actual: &[(usize, &[u8])],
+    own: Own,
 ) -> Option<(usize, Vec<Vec<u8>>)> {
     let mut imgs = base.to_vec();
     for w in &writes[..lo] {
         apply(&mut imgs, w);
     }
     for p in lo..=hi.min(writes.len()) {
-        if actual.iter().all(|(v, a)| imgs[*v] == *a) {
+        if actual.iter().all(|(v, a)| own.eq(&imgs[*v], a)) {
             return Some((p, imgs));
         }
         if p < writes.len() {
@@ -443,19 +490,24 @@ fn find_prefix(
     None
 }
 
-/// Checks a source after the kill: every acknowledged write is there; each byte of a write in
-/// flight at the kill is old or new. Returns nothing: the caller adopts `actual` as the new base.
-fn check_source(base: &[Vec<u8>], log: &Log, vol: usize, actual: &[u8]) {
+/// Checks a source after the kill against the logs of writers of disjoint bytes: every
+/// acknowledged write is there; each byte of a write in flight at the kill is old or new.
+/// Returns nothing: the caller adopts `actual` as the new base.
+fn check_source(base: &[Vec<u8>], logs: &[&Log], vol: usize, actual: &[u8]) {
     let mut imgs = base.to_vec();
-    for w in &log.writes[..log.acked] {
-        apply(&mut imgs, w);
+    for log in logs {
+        for w in &log.writes[..log.acked] {
+            apply(&mut imgs, w);
+        }
     }
     let want = &imgs[vol];
     assert_eq!(actual.len(), want.len(), "volume {vol} size");
-    let in_flight: Vec<&Wr> = log.writes[log.acked..]
+    let in_flight: Vec<&Wr> = logs
         .iter()
+        .flat_map(|l| &l.writes[l.acked..])
         .filter(|w| w.vol == vol)
         .collect();
+    let acked: Vec<usize> = logs.iter().map(|l| l.acked).collect();
     for (i, (a, b)) in actual.iter().zip(want).enumerate() {
         if a == b {
             continue;
@@ -466,8 +518,7 @@ fn check_source(base: &[Vec<u8>], log: &Log, vol: usize, actual: &[u8]) {
                 .iter()
                 .any(|w| (w.off..w.off + w.len).contains(&i) && w.pat == *a),
             "volume {vol} byte {i} reads {a:#x}, expected {b:#x} (every acknowledged write \
-             applied; in flight: {in_flight:?}; {} acknowledged)",
-            log.acked
+             applied; in flight: {in_flight:?}; {acked:?} acknowledged)"
         );
     }
 }
@@ -490,6 +541,17 @@ fn check_known(agent: &AgentProc, known: &[Known]) {
             k.export
         );
     }
+}
+
+/// A start requested in the snapshot test.
+struct Start {
+    /// Index of the snapshot in its round.
+    snap: usize,
+    /// Per writer: writes acknowledged before the call, and issued once it returned (`None`:
+    /// it did not return).
+    window: Vec<(usize, Option<usize>)>,
+    /// The call reported success.
+    ok: bool,
 }
 
 /// Writes to a volume with snapshots started mid-stream, kill -9 at a random moment, restart:
@@ -528,33 +590,46 @@ fn kill_during_writes_and_snapshots() {
             ]);
             snaps.push((format!("m{round}-{k}"), export));
         }
-        let writer = Writer::spawn(vec![agent.nbd(&src)], size, rng.next());
+        let writers: Vec<Writer> = (0..WRITERS)
+            .map(|w| {
+                let own = Own { w, n: WRITERS };
+                Writer::spawn(vec![agent.nbd(&src)], size, rng.next(), own)
+            })
+            .collect();
         let kill_after = rng.ms(100, 900);
         let pid = agent.pid();
         let killer = std::thread::spawn(move || {
             std::thread::sleep(kill_after);
             sigkill(pid);
         });
-        // (mapping, lo, hi, start reported done)
-        let mut starts: Vec<(usize, usize, Option<usize>, bool)> = Vec::new();
+        let mut starts: Vec<Start> = Vec::new();
         for k in 0..snaps.len() {
             std::thread::sleep(rng.ms(10, 250));
-            let lo = writer.acked();
+            let lo: Vec<usize> = writers.iter().map(Writer::acked).collect();
             let out = agent.fc(&["startfcmap", "--prep", &snaps[k].0]);
-            let hi = writer.issued();
             let ok = out.status.success();
-            starts.push((k, lo, ok.then_some(hi), ok));
+            let window = writers
+                .iter()
+                .zip(lo)
+                .map(|(w, lo)| (lo, ok.then(|| w.issued())))
+                .collect();
+            starts.push(Start {
+                snap: k,
+                window,
+                ok,
+            });
             if !ok {
                 break; // the agent is gone; this start may or may not have happened
             }
         }
         killer.join().unwrap();
         agent.reap();
-        let log = writer.finish();
+        let logs: Vec<Log> = writers.into_iter().map(Writer::finish).collect();
+        let logs: Vec<&Log> = logs.iter().collect();
         println!(
-            "round {round}: killed after {kill_after:?}: {} writes acknowledged, {} issued, {} starts requested",
-            log.acked,
-            log.writes.len(),
+            "round {round}: killed after {kill_after:?}: {:?} writes acknowledged, {:?} issued, {} starts requested",
+            logs.iter().map(|l| l.acked).collect::<Vec<_>>(),
+            logs.iter().map(|l| l.writes.len()).collect::<Vec<_>>(),
             starts.len()
         );
 
@@ -567,7 +642,7 @@ fn kill_during_writes_and_snapshots() {
         agent = AgentProc::start(&dir);
         agent.assert_exports();
         let actual = agent.read(&src);
-        check_source(&base, &log, 0, &actual);
+        check_source(&base, &logs, 0, &actual);
         let maps = agent.json(&["lsfcmap"]);
         for (k, (map, export)) in snaps.iter().enumerate() {
             let m = maps
@@ -576,32 +651,44 @@ fn kill_during_writes_and_snapshots() {
                 .iter()
                 .find(|m| m["name"] == map.as_str())
                 .unwrap_or_else(|| panic!("mapping {map} is gone after the restart"));
-            let start = starts.iter().find(|s| s.0 == k);
+            let start = starts.iter().find(|s| s.snap == k);
             if state(m) == "copying" {
                 // (The target of a prepared mapping is offline, so read only now.)
                 let target = agent.read(export);
-                let (_, lo, hi, _) = *start.unwrap_or_else(|| panic!("{map} started by itself"));
-                let hi = hi.unwrap_or(log.writes.len());
-                let Some((p, imgs)) = find_prefix(&base, &log.writes, lo, hi, &[(0, &target)])
-                else {
-                    panic!(
-                        "{map}: the target is not the source as of its start (after {lo}..={hi} \
-                         of the writes)\n{}",
-                        agent.log_tail()
-                    );
-                };
-                println!("  {map}: point in time after write {p} (window {lo}..={hi})");
-                if p > 0 && p < log.acked {
-                    mid_stream += 1;
+                let window = &start
+                    .unwrap_or_else(|| panic!("{map} started by itself"))
+                    .window;
+                // Each writer's bytes: one point of its own stream within its window.
+                let mut image = base[0].clone();
+                let mut points = Vec::new();
+                for (w, (log, &(lo, hi))) in logs.iter().zip(window).enumerate() {
+                    let hi = hi.unwrap_or(log.writes.len());
+                    let own = Own { w, n: WRITERS };
+                    let Some((p, imgs)) =
+                        find_prefix(&base, &log.writes, (lo, hi), &[(0, &target)], own)
+                    else {
+                        panic!(
+                            "{map}: writer {w}'s bytes on the target are not the source as of the \
+                             start (after {lo}..={hi} of its writes)\n{}",
+                            agent.log_tail()
+                        );
+                    };
+                    own.copy(&imgs[0], &mut image);
+                    points.push(format!("{p} in {lo}..={hi}"));
+                    if p > 0 && p < log.acked {
+                        mid_stream += 1;
+                    }
                 }
+                println!("  {map}: point in time after writes {points:?}");
+                assert!(image == target);
                 known.push(Known {
                     export: export.clone(),
-                    image: imgs.into_iter().next().unwrap(),
+                    image,
                 });
             } else {
                 // Not started: only a start the kill interrupted, and it can be started now.
                 assert!(
-                    start.is_none_or(|s| !s.3),
+                    start.is_none_or(|s| !s.ok),
                     "{map} reported started but is {} after the restart",
                     state(m)
                 );
@@ -774,7 +861,7 @@ fn copy_with_kills(
     for kill in 0..2 {
         host_writes(&agent, rng, on_source);
         // A writer races the copy (copy-on-write against background copy) through the kill.
-        let writer = Writer::spawn(vec![agent.nbd(source)], size, rng.next());
+        let writer = Writer::spawn(vec![agent.nbd(source)], size, rng.next(), ALONE);
         let (_, _, grains) = split_grains(&agent, map);
         reported = copy_past(&agent, map, reported, (kill + 1) * grains / 6);
         std::thread::sleep(rng.ms(0, 120));
@@ -786,19 +873,24 @@ fn copy_with_kills(
         println!(
             "{map}: kill {kill}: {reported}/{grains} grains reported before, {split} after the restart"
         );
-        assert_eq!(st, "copying", "{map} after the restart");
+        // Copying again, or already completed by the restarted workers (they start at once).
+        let done = st == "idle_or_copied" && agent.json(&["lsfcmap", map])["progress"] == 100;
+        assert!(st == "copying" || done, "{map} is {st} after the restart");
         assert!(
             split >= reported,
             "{map}: progress went back from {reported} to {split} grains: reported copies were not durable"
         );
         let actual = agent.read(source);
-        check_source(std::slice::from_ref(on_source), &log, 0, &actual);
+        check_source(std::slice::from_ref(on_source), &[&log], 0, &actual);
         *on_source = actual;
         assert!(
             agent.read(target) == image,
             "{map}: the target does not read its point in time after kill {kill}"
         );
         reported = split;
+        if done {
+            break;
+        }
     }
     host_writes(&agent, rng, on_source);
     // It resumes by itself at its rate (or has completed already); then finish quickly.
@@ -872,6 +964,7 @@ fn kill_around_group_start() {
             vols.iter().map(|v| agent.nbd(v)).collect(),
             size,
             rng.next(),
+            ALONE,
         );
         std::thread::sleep(rng.ms(30, 150));
         let lo = writer.acked();
@@ -949,7 +1042,7 @@ fn kill_around_group_start() {
         agent.assert_exports();
         let actual: Vec<Vec<u8>> = vols.iter().map(|v| agent.read(v)).collect();
         for (i, a) in actual.iter().enumerate() {
-            check_source(&base, &log, i, a);
+            check_source(&base, &[&log], i, a);
         }
         let g = agent.json(&["lsfcconsistgrp", &cg]);
         let st = state(&g).to_string();
@@ -959,9 +1052,13 @@ fn kill_around_group_start() {
         }
         let expect = if st == "copying" {
             let imgs: Vec<Vec<u8>> = targets.iter().map(|t| agent.read(t)).collect();
-            let Some((p, expect)) =
-                find_prefix(&base, &log.writes, lo, hi, &[(0, &imgs[0]), (1, &imgs[1])])
-            else {
+            let Some((p, expect)) = find_prefix(
+                &base,
+                &log.writes,
+                (lo, hi),
+                &[(0, &imgs[0]), (1, &imgs[1])],
+                ALONE,
+            ) else {
                 panic!(
                     "{cg}: the targets are not one point of the write stream within writes \
                      {lo}..={hi}\n{}",
@@ -999,5 +1096,122 @@ fn kill_around_group_start() {
         base = actual;
     }
     println!("{started} group starts survived the kill, {unstarted} did not happen");
+    agent.kill9();
+}
+
+/// Fills `len` bytes from `rng` and writes them over the export with `nbdcopy`.
+fn random_image(agent: &AgentProc, export: &str, len: u64, rng: &mut Rng, tmp: &Path) -> Vec<u8> {
+    let mut image = vec![0u8; len as usize];
+    for c in image.chunks_mut(8) {
+        c.copy_from_slice(&rng.next().to_le_bytes());
+    }
+    let file = tmp.join("image.bin");
+    std::fs::write(&file, &image).unwrap();
+    let o = Command::new("nbdcopy")
+        .arg(&file)
+        .arg(agent.nbd(export))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    image
+}
+
+/// Two snapshots of a 24 MiB volume, then the whole source rewritten: every grain is copied to
+/// the newer snapshot B first, and the older A reads nearly all of its image through B. Stopping
+/// B cleans those grains into A at the clean rate; kill -9 twice mid-cleaning. After each restart
+/// A still reads its image and B is stopping (or done cleaning); at the end A holds its image by itself,
+/// even once B's mapping and volume are gone.
+#[test]
+fn kill_during_cleaning() {
+    if !peers() {
+        return;
+    }
+    let mut rng = Rng::new(seed("kill_during_cleaning"));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let size = 24 * MIB;
+    let mut agent = AgentProc::start(&dir);
+    let src = agent.mkvol("src", size);
+    let a = agent.mkvol("a", size);
+    let b = agent.mkvol("b", size);
+    let image0 = random_image(&agent, &src, size, &mut rng, tmp.path());
+    for (map, target) in [("ma", "a"), ("mb", "b")] {
+        agent.fc_ok(&[
+            "mkfcmap",
+            "--source",
+            "src",
+            "--target",
+            target,
+            "--copyrate",
+            "0",
+            "--cleanrate",
+            "65",
+            "--name",
+            map,
+        ]);
+    }
+    agent.fc_ok(&["startfcmap", "--prep", "ma"]);
+    // A few writes between the snapshots: those grains go to A itself.
+    let mut image1 = image0.clone();
+    let mut q = Qio::open(&agent.nbd(&src));
+    for _ in 0..6 {
+        let nblk = rng.range(1, 17);
+        let w = Wr {
+            vol: 0,
+            off: rng.range(0, size / 4096 - nblk + 1) * 4096,
+            len: 4096 * nblk,
+            pat: rng.range(1, 256) as u8,
+        };
+        assert!(q.write(&w, false), "host write {w:?}");
+        apply(std::slice::from_mut(&mut image1), &w);
+    }
+    drop(q);
+    agent.fc_ok(&["startfcmap", "--prep", "mb"]);
+    let image2 = random_image(&agent, &src, size, &mut rng, tmp.path());
+    assert!(agent.read(&a) == image0, "A before the stop");
+    assert!(agent.read(&b) == image1, "B before the stop");
+
+    agent.fc_ok(&["stopfcmap", "mb"]);
+    for kill in 0..2 {
+        std::thread::sleep(rng.ms(50, 500));
+        let st = agent.json(&["lsfcmap", "mb"]);
+        if kill == 0 {
+            assert_eq!(
+                state(&st),
+                "stopping",
+                "B finished cleaning before the kill"
+            );
+        }
+        agent.kill9();
+        agent = AgentProc::start(&dir);
+        agent.assert_exports();
+        let st = state(&agent.json(&["lsfcmap", "mb"])).to_string();
+        println!("kill {kill}: B is {st} after the restart");
+        // B is fully split, so it ends idle_or_copied (stopped if it were not).
+        assert!(
+            ["stopping", "stopped", "idle_or_copied"].contains(&st.as_str()),
+            "B is {st}"
+        );
+        assert!(
+            agent.read(&a) == image0,
+            "A lost its image in cleaning after kill {kill}"
+        );
+        assert!(agent.read(&src) == image2, "the source after kill {kill}");
+    }
+    agent.fc_ok(&["chfcmap", "mb", "--cleanrate", "150"]);
+    let t0 = Instant::now();
+    while state(&agent.json(&["lsfcmap", "mb"])) == "stopping" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "cleaning never ends"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    agent.fc_ok(&["rmfcmap", "mb"]);
+    agent.fc_ok(&["rmvol", "b"]);
+    assert!(agent.read(&a) == image0, "A without B");
+    agent.kill9();
+    let agent = AgentProc::start(&dir);
+    assert!(agent.read(&a) == image0, "A without B, after a restart");
     agent.kill9();
 }

@@ -10,6 +10,9 @@
 //!   published as a server stream ([`events`]).
 //! - An atomic group start pauses, drains and flushes I/O on every member source, switches and
 //!   resumes ([`crate::volume::Pool::start_group`]); the pause is measured and reported.
+//! - A copy that fails on a store stops its mapping (FLASHCOPY.md §2.3 `IoError`); the pool
+//!   reports it and the agent publishes `CopyFailed` and the state changes.
+//! - With `--metrics-listen`, the pool's counters are served for Prometheus ([`metrics`]).
 //! - Shutdown (SIGTERM, SIGINT, or the future given to [`run`]): stop accepting, finish the
 //!   calls in flight and the NBD requests received, stop the workers after their current
 //!   slice, checkpoint the metadata, remove the sockets.
@@ -17,12 +20,14 @@
 pub mod convert;
 pub mod devices;
 pub mod events;
+pub mod metrics;
 pub mod service;
 pub mod status;
 pub mod workers;
 
 use crate::meta::MetaFiles;
 use crate::nbd;
+use crate::proto::agent::v1 as pb;
 use crate::proto::agent::v1::agent_server::AgentServer;
 use crate::volume::{Pool, PoolConfig, VolumeError};
 use events::EventHub;
@@ -60,6 +65,9 @@ pub struct Config {
     /// Also serve NBD on this TCP address (no TLS, no authentication).
     #[arg(long, value_name = "ADDR")]
     pub nbd_listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz); off unless given.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -72,6 +80,7 @@ impl Config {
             nbd_socket: None,
             listen: None,
             nbd_listen: None,
+            metrics_listen: None,
         }
     }
 
@@ -165,17 +174,38 @@ fn open_pool(cfg: &Config) -> Result<Pool, Error> {
 
 /// Runs the agent until `shutdown` completes, then shuts down gracefully (see the module docs).
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+    run_on(cfg, None, shutdown).await
+}
+
+/// As [`run`], on a pool the caller opened (tests: fault-injecting stores); `cfg.devices` is
+/// ignored and the pool's metadata need not live in the data directory.
+pub async fn run_with_pool(
+    cfg: Config,
+    pool: Pool,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    run_on(cfg, Some(pool), shutdown).await
+}
+
+async fn run_on(
+    cfg: Config,
+    pool: Option<Pool>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
     let dir = cfg.data_dir.clone();
     std::fs::create_dir_all(&dir).map_err(io_err("creating the data directory", dir.display()))?;
     let (agent_path, nbd_path) = (cfg.agent_socket(), cfg.nbd_socket_path());
     clear_socket(&agent_path)?;
     clear_socket(&nbd_path)?;
 
-    let pool = {
-        let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || open_pool(&cfg))
-            .await
-            .map_err(|e| Error::Task(e.to_string()))??
+    let pool = match pool {
+        Some(pool) => pool,
+        None => {
+            let cfg = cfg.clone();
+            tokio::task::spawn_blocking(move || open_pool(&cfg))
+                .await
+                .map_err(|e| Error::Task(e.to_string()))??
+        }
     };
     let pool = Arc::new(pool);
     {
@@ -205,6 +235,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         Some(a) => Some(std::net::TcpListener::bind(a).map_err(io_err("binding", a))?),
         None => None,
     };
+    let metrics_tcp = match cfg.metrics_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(io_err("binding", a))?,
+        ),
+        None => None,
+    };
     let addr = |l: Option<std::io::Result<SocketAddr>>| {
         l.and_then(Result::ok)
             .map_or(String::new(), |a| a.to_string())
@@ -225,9 +263,34 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let events = Arc::new(EventHub::new());
+    {
+        // Copy failures happen on the data path and in workers, where no command reports them.
+        let events = events.clone();
+        let installed = pool.on_copy_failure(move |f| {
+            events.publish(pb::event::Kind::CopyFailed(pb::CopyFailed {
+                mapping: f.map.0,
+                message: f.message.clone(),
+            }));
+            events.publish_all(&f.events);
+        });
+        if !installed {
+            tracing::warn!("the pool already reports copy failures elsewhere; no events for them");
+        }
+    }
     let workers = Workers::new(pool.clone(), events.clone());
     let supervisor = tokio::spawn(workers.clone().run(stop_rx.clone()));
     let active_workers = workers.clone();
+    let metrics_task = metrics_tcp.map(|l| {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(addr = %a, "serving metrics at /metrics");
+        }
+        tokio::spawn(metrics::serve(
+            l,
+            pool.clone(),
+            workers.clone(),
+            stop_rx.clone(),
+        ))
+    });
 
     // NBD: blocking accept loops on their own threads.
     let nbd_stop = nbd::Shutdown::new();
@@ -326,6 +389,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         "waiting for copy workers to finish their slice"
     );
     let _ = supervisor.await;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
     let checkpoint = {
         let pool = pool.clone();
         tokio::task::spawn_blocking(move || pool.checkpoint()).await

@@ -10,7 +10,7 @@ use super::convert;
 use super::events::EventHub;
 use crate::engine::{Engine, GroupId, MapId, MapState};
 use crate::proto::agent::v1 as pb;
-use crate::volume::Pool;
+use crate::volume::{Pool, VolumeError};
 use parking_lot::Mutex;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -34,10 +34,12 @@ pub struct Workers {
     wake: Notify,
 }
 
-/// Whether a mapping needs a worker now.
+/// Whether a mapping needs a worker now. A copying mapping at copy rate 0 needs one only to
+/// complete, once host writes have split every grain.
 fn needs_worker(e: &Engine, map: MapId) -> bool {
     e.mapping(map).is_some_and(|m| {
-        (m.state == MapState::Copying && m.copy_rate > 0) || m.state == MapState::Stopping
+        (m.state == MapState::Copying && (m.copy_rate > 0 || e.copy_complete_ready(map)))
+            || m.state == MapState::Stopping
     })
 }
 
@@ -135,6 +137,8 @@ impl Workers {
             self.report(map, before, after);
             let failure = match res {
                 Ok(Ok(_bytes)) => None,
+                // The mapping stopped; the pool reported it (see `Pool::on_copy_failure`).
+                Ok(Err(VolumeError::CopyIo { .. })) => None,
                 Ok(Err(e)) => Some(e.to_string()),
                 Err(e) => Some(format!("copy task failed: {e}")),
             };

@@ -15,13 +15,16 @@
 //!   (a bad magic), a disconnect.
 //!
 //! A volume of a [`crate::volume::Pool`] is served by [`PoolExport`]; `Arc<Pool>` implements
-//! [`Exports`], naming exports by volume name (or numeric volume id).
+//! [`Exports`], naming exports by volume name (or numeric volume id), and counts every request
+//! in the pool's stats ([`Metered`]).
 
 mod handshake;
+mod metered;
 mod proto;
 mod server;
 mod transmission;
 
+pub use metered::Metered;
 pub use server::{
     Export, ExportError, Exports, PoolExport, ServerConfig, Shutdown, serve_connection, serve_tcp,
     serve_unix,

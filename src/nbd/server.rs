@@ -257,7 +257,10 @@ impl Exports for Arc<Pool> {
                 }
             }
         };
-        Some(Arc::new(PoolExport::new(self.clone(), vol)))
+        Some(Arc::new(super::metered::Metered::new(
+            PoolExport::new(self.clone(), vol),
+            self.clone(),
+        )))
     }
 
     fn list(&self) -> Vec<String> {

@@ -27,6 +27,15 @@ impl Agent {
 
     /// Starts an agent with `cfg` and waits until its API answers.
     pub fn start_with(cfg: Config) -> Self {
+        Self::start_on(cfg, None)
+    }
+
+    /// Starts an agent on a pool opened by the test (fault-injecting stores).
+    pub fn start_with_pool(cfg: Config, pool: flashcopy_csi::volume::Pool) -> Self {
+        Self::start_on(cfg, Some(pool))
+    }
+
+    fn start_on(cfg: Config, pool: Option<flashcopy_csi::volume::Pool>) -> Self {
         // `RUST_LOG=info cargo test --test agent_api -- --nocapture` shows the agent's log.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -40,9 +49,13 @@ impl Agent {
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(agent::run(c, async {
+            let stop = async {
                 let _ = rx.await;
-            }))
+            };
+            match pool {
+                Some(pool) => rt.block_on(agent::run_with_pool(c, pool, stop)),
+                None => rt.block_on(agent::run(c, stop)),
+            }
         });
         let a = Self {
             dir: cfg.data_dir.clone(),
@@ -166,4 +179,83 @@ pub fn have(bin: &str) -> bool {
         println!("skipped: {bin} not installed");
     }
     found
+}
+
+/// A free TCP port on the loopback (bound, then released for the agent to take).
+pub fn free_local_addr() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Sends `request` as is over a new TCP connection and returns the status code and the whole
+/// answer (head and body).
+pub fn http_raw(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
+    (status, text)
+}
+
+/// `GET /metrics`, checked for the exposition format, as `name{labels}` -> value.
+pub fn scrape(addr: std::net::SocketAddr) -> std::collections::BTreeMap<String, f64> {
+    let (status, text) = http_raw(
+        addr,
+        b"GET /metrics HTTP/1.1\r\nHost: agent\r\nAccept: text/plain\r\n\r\n",
+    );
+    assert_eq!(status, 200, "{text}");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8"),
+        "{head}"
+    );
+    assert!(
+        head.contains(&format!("Content-Length: {}", body.len())),
+        "{head}"
+    );
+    let mut typed = std::collections::BTreeMap::new();
+    let mut samples = std::collections::BTreeMap::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            assert!(
+                typed.insert(name.to_string(), kind.to_string()).is_none(),
+                "{line}"
+            );
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        let (key, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line:?}"));
+        let name = key.split('{').next().unwrap();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| typed.get(*f).is_some_and(|k| k == "histogram"))
+            })
+            .unwrap_or(name);
+        assert!(typed.contains_key(family), "sample before its TYPE: {line}");
+        let v: f64 = value.parse().unwrap_or_else(|_| panic!("{line:?}"));
+        assert!(
+            samples.insert(key.to_string(), v).is_none(),
+            "repeated: {line}"
+        );
+    }
+    samples
+}
+
+/// A sample of [`scrape`]'s result, which must exist.
+pub fn metric(m: &std::collections::BTreeMap<String, f64>, key: &str) -> f64 {
+    *m.get(key).unwrap_or_else(|| panic!("no sample {key}"))
 }
