@@ -717,7 +717,7 @@ fn kill_during_writes_and_snapshots() {
         base = vec![actual];
     }
     println!(
-        "{} snapshots verified, {mid_stream} taken between acknowledged writes, {unstarted} interrupted starts",
+        "{} snapshots verified, {mid_stream} writer streams cut between acknowledged writes, {unstarted} interrupted starts",
         known.len()
     );
     assert!(
