@@ -18,6 +18,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod csi;
 pub mod demo;
 pub mod engine;
 pub mod fc;

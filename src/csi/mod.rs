@@ -1,0 +1,3 @@
+//! The CSI plugin.
+
+pub mod node;
