@@ -40,6 +40,17 @@ pub enum Command {
     /// FlashCopy administration over the agent API, with IBM verbs (mkfcmap, lsfcmap,
     /// startfcconsistgrp, ...).
     Fc(crate::fc::Args),
+    /// The CSI plugin.
+    #[command(subcommand)]
+    Csi(CsiCommand),
+}
+
+/// `flashcopy-csi csi ...`.
+#[derive(Debug, Subcommand)]
+pub enum CsiCommand {
+    /// Serve CSI Identity, Controller and GroupController on a Unix socket, routing each call
+    /// to the agent of the volume's node; stops on SIGTERM/SIGINT.
+    Controller(crate::csi::ControllerConfig),
 }
 
 /// Listing formats.

@@ -15,6 +15,7 @@
 //! - [`agent`]: the node daemon: the agent gRPC API, NBD exports, copy workers, shutdown.
 //! - [`proto`]: generated gRPC code (`proto/agent/v1/agent.proto`).
 //! - [`fc`]: the operator's FlashCopy command line over the agent API.
+//! - [`csi`]: the CSI plugin (Identity, Controller, GroupController) over the agent API.
 
 pub mod agent;
 pub mod cli;

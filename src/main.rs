@@ -1,14 +1,14 @@
 //! The `flashcopy-csi` binary: parses the command line and hands over to the library.
 
 use clap::Parser;
-use flashcopy_csi::cli::{Cli, Command};
+use flashcopy_csi::cli::{Cli, Command, CsiCommand};
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     // The agent is a daemon: its default log level tells what it does.
-    let level = if matches!(cli.command, Command::Agent(_)) {
+    let level = if matches!(cli.command, Command::Agent(_) | Command::Csi(_)) {
         "info"
     } else {
         "warn"
@@ -26,6 +26,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Ls { data_dir, output } => flashcopy_csi::demo::ls(&data_dir, output)?,
         Command::Agent(cfg) => flashcopy_csi::agent::main(cfg)?,
         Command::Fc(args) => return Ok(flashcopy_csi::fc::main(args)),
+        Command::Csi(CsiCommand::Controller(cfg)) => flashcopy_csi::csi::controller_main(cfg)?,
     }
     Ok(ExitCode::SUCCESS)
 }

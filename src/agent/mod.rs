@@ -60,6 +60,10 @@ pub struct Config {
     /// Also serve NBD on this TCP address (no TLS, no authentication).
     #[arg(long, value_name = "ADDR")]
     pub nbd_listen: Option<SocketAddr>,
+    /// Thin-provisioning budget reported to the CSI controller (the sum of volume sizes it may
+    /// place here) [default: the size of the data directory's file system].
+    #[arg(long, value_name = "BYTES")]
+    pub capacity: Option<u64>,
 }
 
 impl Config {
@@ -72,6 +76,7 @@ impl Config {
             nbd_socket: None,
             listen: None,
             nbd_listen: None,
+            capacity: None,
         }
     }
 
@@ -221,6 +226,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         nbd_socket: nbd_path.display().to_string(),
         agent_tcp: addr(agent_tcp.as_ref().map(|l| l.local_addr())),
         nbd_tcp: addr(nbd_tcp.as_ref().map(|l| l.local_addr())),
+        capacity_bytes: match cfg.capacity {
+            Some(c) => c,
+            None => fs_size(&dir).map_err(io_err("measuring the file system of", dir.display()))?,
+        },
     };
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -367,6 +376,22 @@ fn spawn_nbd(
             res
         })
         .map_err(io_err("starting the thread", name.to_string()))
+}
+
+/// Total size in bytes of the file system holding `path`.
+#[allow(unsafe_code)]
+fn fs_size(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call, and `st` is a
+    // plain-data struct the kernel fills in; all-zero bytes are a valid value for it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_blocks as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -6,10 +6,12 @@ use super::convert;
 use super::events::EventHub;
 use super::status::AgentError;
 use super::workers::Workers;
+use crate::engine::GroupId;
 use crate::engine::{MappingChange, MappingSpec};
 use crate::proto::agent::v1 as pb;
 use crate::proto::agent::v1::agent_server::Agent;
-use crate::volume::{Pool, StartReport};
+use crate::volume::{FrozenGroup, Pool, StartReport};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{broadcast, mpsc, watch};
@@ -51,6 +53,8 @@ pub struct Endpoints {
     pub agent_tcp: String,
     /// NBD TCP address, if any.
     pub nbd_tcp: String,
+    /// Thin-provisioning budget of the pool in bytes.
+    pub capacity_bytes: u64,
 }
 
 /// The agent API over one pool.
@@ -62,6 +66,8 @@ pub struct AgentService {
     pauses: Arc<PauseStats>,
     endpoints: Arc<Endpoints>,
     shutdown: watch::Receiver<bool>,
+    frozen: Arc<parking_lot::Mutex<HashMap<String, (GroupId, FrozenGroup)>>>,
+    freezes: Arc<AtomicU64>,
 }
 
 type RpcResult<T> = Result<Response<T>, Status>;
@@ -82,6 +88,8 @@ impl AgentService {
             pauses: Arc::default(),
             endpoints: Arc::new(endpoints),
             shutdown,
+            frozen: Arc::default(),
+            freezes: Arc::default(),
         }
     }
 
@@ -139,7 +147,7 @@ impl Agent for AgentService {
         &self,
         _: Request<pb::GetAgentInfoRequest>,
     ) -> RpcResult<pb::AgentInfo> {
-        let (volumes, mappings, groups, rounds) = self
+        let (volumes, mappings, groups, rounds, provisioned) = self
             .blocking(|pool| {
                 let e = pool.engine();
                 Ok((
@@ -147,6 +155,7 @@ impl Agent for AgentService {
                     e.mappings().count() as u32,
                     e.groups().count() as u32,
                     pool.commit_rounds(),
+                    e.volumes().map(|v| v.size).sum::<u64>(),
                 ))
             })
             .await?;
@@ -173,6 +182,8 @@ impl Agent for AgentService {
             max_pause_micros: p.max_us.load(Ordering::Relaxed),
             total_pause_micros: p.total_us.load(Ordering::Relaxed),
             active_workers: self.workers.active() as u32,
+            capacity_bytes: ep.capacity_bytes,
+            provisioned_bytes: provisioned,
         })
     }
 
@@ -216,6 +227,23 @@ impl Agent for AgentService {
                 let id = convert::volume_ref(&pool.engine(), &r.volume)?;
                 pool.resize_volume(id, r.size_bytes)?;
                 tracing::info!(volume = %id, size = r.size_bytes, "volume resized");
+                let e = pool.engine();
+                let v = e
+                    .volume(id)
+                    .ok_or(crate::engine::EngineError::NoSuchVolume(id))?;
+                Ok(convert::volume(&e, v))
+            })
+            .await?;
+        ok(v)
+    }
+
+    async fn rename_volume(&self, req: Request<pb::RenameVolumeRequest>) -> RpcResult<pb::Volume> {
+        let r = req.into_inner();
+        let v = self
+            .blocking(move |pool| {
+                let id = convert::volume_ref(&pool.engine(), &r.volume)?;
+                pool.rename_volume(id, &r.name)?;
+                tracing::info!(volume = %id, name = %r.name, "volume renamed");
                 let e = pool.engine();
                 let v = e
                     .volume(id)
@@ -513,6 +541,74 @@ impl Agent for AgentService {
             group,
             pause_micros,
         })
+    }
+
+    async fn freeze_group(
+        &self,
+        req: Request<pb::FreezeGroupRequest>,
+    ) -> RpcResult<pb::FreezeGroupResponse> {
+        let r = req.into_inner();
+        if !(1..=60_000).contains(&r.timeout_ms) {
+            return Err(AgentError::InvalidArgument(format!(
+                "timeout_ms {} is outside 1-60000",
+                r.timeout_ms
+            ))
+            .into());
+        }
+        let hold = std::time::Duration::from_millis(u64::from(r.timeout_ms));
+        let id = self
+            .blocking(move |pool| convert::group_ref(&pool.engine(), &r.group))
+            .await?;
+        let pool = self.pool.clone();
+        // Waits for in-flight I/O to drain and the sources to flush.
+        let frozen = tokio::task::spawn_blocking(move || pool.freeze_group(id, hold))
+            .await
+            .map_err(|e| AgentError::Internal(format!("freeze task failed: {e}")))?
+            .map_err(AgentError::from)?;
+        let n = self.freezes.fetch_add(1, Ordering::Relaxed);
+        let token = format!("freeze-{}-{n}", id.0);
+        let mut map = self.frozen.lock();
+        // Forget freezes that ended on their own (expired).
+        map.retain(|_, (_, f)| !f.is_over());
+        map.insert(token.clone(), (id, frozen));
+        ok(pb::FreezeGroupResponse { token })
+    }
+
+    async fn commit_group_start(
+        &self,
+        req: Request<pb::CommitGroupStartRequest>,
+    ) -> RpcResult<pb::StartGroupResponse> {
+        let r = req.into_inner();
+        let (id, frozen) = self
+            .frozen
+            .lock()
+            .remove(&r.token)
+            .ok_or_else(|| AgentError::Pool(crate::volume::VolumeError::FreezeOver))?;
+        let report = tokio::task::spawn_blocking(move || frozen.commit())
+            .await
+            .map_err(|e| AgentError::Internal(format!("commit task failed: {e}")))?
+            .map_err(AgentError::from)?;
+        let pause_micros = self.started(&report, None, Some(id.0));
+        let group = self
+            .blocking(move |pool| convert::group(&pool.engine(), id))
+            .await
+            .ok();
+        ok(pb::StartGroupResponse {
+            group,
+            pause_micros,
+        })
+    }
+
+    async fn thaw_group(
+        &self,
+        req: Request<pb::ThawGroupRequest>,
+    ) -> RpcResult<pb::ThawGroupResponse> {
+        let r = req.into_inner();
+        let f = self.frozen.lock().remove(&r.token);
+        let thawed = f.as_ref().is_some_and(|(_, f)| !f.is_over());
+        // Dropping the handle resumes I/O.
+        drop(f);
+        ok(pb::ThawGroupResponse { thawed })
     }
 
     async fn stop_group(&self, req: Request<pb::StopGroupRequest>) -> RpcResult<pb::Group> {

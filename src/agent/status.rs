@@ -60,6 +60,7 @@ fn classify_volume(e: &VolumeError) -> (Code, &'static str) {
     match e {
         VolumeError::Engine(e) => classify_engine(e),
         VolumeError::AlreadyPrepared(_) => (Code::FailedPrecondition, "AlreadyPrepared"),
+        VolumeError::FreezeOver => (Code::Aborted, "FreezeOver"),
         VolumeError::Store(StoreError::Unsupported(_)) => (Code::FailedPrecondition, "Unsupported"),
         // No free block device (or a full file system) for a new volume.
         VolumeError::Store(StoreError::Io(e)) if e.kind() == std::io::ErrorKind::StorageFull => {

@@ -339,6 +339,14 @@ pub enum Op {
         /// Grain.
         grain: u64,
     },
+    /// Rename a volume (its data and mappings are untouched). Appended last so journals
+    /// written before it existed still decode.
+    RenameVolume {
+        /// Volume.
+        id: VolId,
+        /// New unique name.
+        name: String,
+    },
 }
 
 /// What an accepted op did, for event streams and logs.

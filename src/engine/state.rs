@@ -40,6 +40,7 @@ impl Engine {
             Op::CreateVolume { id, name, size } => self.create_volume(*id, name, *size),
             Op::DeleteVolume { id } => self.delete_volume(*id),
             Op::ResizeVolume { id, size } => self.resize_volume(*id, *size),
+            Op::RenameVolume { id, name } => self.rename_volume(*id, name),
             Op::CreateMapping { id, spec } => self.create_mapping(*id, spec),
             Op::Prepare { map, restore } => {
                 let m = self.standalone(*map, "prepare")?;
@@ -424,6 +425,20 @@ impl Engine {
     fn delete_volume(&mut self, id: VolId) -> Result<(), EngineError> {
         self.volume_unused(id)?;
         self.volumes.remove(&id);
+        Ok(())
+    }
+
+    fn rename_volume(&mut self, id: VolId, name: &str) -> Result<(), EngineError> {
+        if !self.volumes.contains_key(&id) {
+            return Err(EngineError::NoSuchVolume(id));
+        }
+        check_name(name)?;
+        match self.volume_by_name(name) {
+            Some(v) if v.id == id => return Ok(()),
+            Some(_) => return Err(EngineError::NameInUse(name.to_string())),
+            None => {}
+        }
+        self.volumes.get_mut(&id).unwrap().name = name.to_string();
         Ok(())
     }
 

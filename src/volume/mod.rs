@@ -60,6 +60,10 @@ pub enum VolumeError {
     /// An earlier metadata write failed; the pool must be reopened.
     #[error("pool refuses changes after a failed metadata write ({0}); restart to recover")]
     Poisoned(String),
+    /// A two-phase group start was committed after its freeze ended (I/O resumed, nothing
+    /// started).
+    #[error("the group freeze ended before the commit (it expired or was thawed): nothing started")]
+    FreezeOver,
     /// `start --prep` of a mapping that was already prepared explicitly (FLASHCOPY.md §2.3 P2).
     #[error("mapping {0} is already prepared: start it without --prep")]
     AlreadyPrepared(MapId),
@@ -123,6 +127,33 @@ impl std::fmt::Debug for Pool {
         f.debug_struct("Pool")
             .field("backend", &self.backend)
             .finish_non_exhaustive()
+    }
+}
+
+type Commit = std::sync::mpsc::SyncSender<Result<StartReport, VolumeError>>;
+
+/// A group held frozen by [`Pool::freeze_group`]. Dropping it thaws the group (I/O resumes,
+/// nothing starts).
+#[derive(Debug)]
+pub struct FrozenGroup {
+    cmd: Option<std::sync::mpsc::SyncSender<Commit>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl FrozenGroup {
+    /// Phase two: every member switches at one instant, then I/O resumes. Fails (and nothing
+    /// starts) when the hold time has already passed.
+    pub fn commit(mut self) -> Result<StartReport, VolumeError> {
+        let expired = || VolumeError::FreezeOver;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let cmd = self.cmd.take().ok_or_else(expired)?;
+        cmd.send(tx).map_err(|_| expired())?;
+        rx.recv().map_err(|_| expired())?
+    }
+
+    /// Whether the freeze already ended (committed, thawed or expired).
+    pub fn is_over(&self) -> bool {
+        self.thread.is_finished()
     }
 }
 
@@ -340,6 +371,15 @@ impl Pool {
         self.stores.write().remove(&vol);
         self.backend.remove(vol)?;
         Ok(())
+    }
+
+    /// Renames a volume; mappings and I/O are not affected.
+    pub fn rename_volume(&self, vol: VolId, name: &str) -> Result<(), VolumeError> {
+        self.control(&[Op::RenameVolume {
+            id: vol,
+            name: name.into(),
+        }])
+        .map(|_| ())
     }
 
     /// Resizes a volume that no mapping uses.
@@ -565,6 +605,115 @@ impl Pool {
             },
             events,
         )
+    }
+
+    /// Phase one of a group start that spans agents (ARCHITECTURE.md decision 5): on a thread
+    /// of its own, take the control lock, pause and drain I/O, flush every member source, and
+    /// hold there until [`FrozenGroup::commit`] switches the group (phase two), or until the
+    /// handle is dropped or `hold` passes, whichever comes first: then I/O resumes unchanged.
+    /// So a controller that dies between the phases never leaves I/O paused for long.
+    /// The group must be prepared.
+    pub fn freeze_group(
+        self: &Arc<Self>,
+        group: GroupId,
+        hold: Duration,
+    ) -> Result<FrozenGroup, VolumeError> {
+        use std::sync::mpsc::{RecvTimeoutError, sync_channel};
+        let (ready_tx, ready_rx) = sync_channel::<Result<(), VolumeError>>(1);
+        let (cmd_tx, cmd_rx) = sync_channel::<Commit>(1);
+        let pool = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("group-freeze".into())
+            .spawn(move || {
+                let _c = pool.control.lock();
+                let t0 = Instant::now();
+                let sources = {
+                    let e = pool.engine.read();
+                    match e.group(group) {
+                        None => Err(EngineError::NoSuchGroup(group)),
+                        Some(_)
+                            if e.group_state(group)
+                                != Some(crate::engine::GroupState::Map(MapState::Prepared)) =>
+                        {
+                            Err(EngineError::BadGroupState {
+                                group,
+                                state: e
+                                    .group_state(group)
+                                    .map_or("deleted".into(), |s| s.to_string()),
+                                action: "freeze (prepare the group first)",
+                            })
+                        }
+                        Some(g) => Ok(g
+                            .members
+                            .iter()
+                            .filter_map(|m| e.mapping(*m))
+                            .map(|m| m.source)
+                            .collect::<Vec<_>>()),
+                    }
+                };
+                let sources = match sources {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                let gate = pool.gate.write();
+                for v in &sources {
+                    if let Err(e) = pool.store(*v).flush() {
+                        let _ = ready_tx.send(Err(e.into()));
+                        return;
+                    }
+                }
+                tracing::info!(group = %group, hold_ms = hold.as_millis() as u64, "group frozen: I/O paused until commit or thaw");
+                if ready_tx.send(Ok(())).is_err() {
+                    return;
+                }
+                match cmd_rx.recv_timeout(hold) {
+                    Ok(reply) => {
+                        let res = pool.switch_locked(Op::StartGroup {
+                            group,
+                            now: now_secs(),
+                        });
+                        drop(gate);
+                        let pause = t0.elapsed();
+                        tracing::info!(group = %group, pause_us = pause.as_micros() as u64, "point in time taken for the group (two-phase)");
+                        let _ = reply.send(res.map(|events| StartReport { pause, events }));
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        drop(gate);
+                        tracing::warn!(group = %group, "group freeze expired without a commit: I/O resumed, nothing started");
+                    }
+                    Err(RecvTimeoutError::Disconnected) => {
+                        drop(gate);
+                        tracing::info!(group = %group, "group thawed: I/O resumed, nothing started");
+                    }
+                }
+            })
+            .map_err(|e| VolumeError::Store(StoreError::Io(e)))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(FrozenGroup {
+                cmd: Some(cmd_tx),
+                thread,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(VolumeError::Poisoned("the freeze thread failed".into())),
+        }
+    }
+
+    /// Applies a start op and makes it durable; the caller holds the gate.
+    fn switch_locked(&self, op: Op) -> Result<Vec<Event>, VolumeError> {
+        let ev = self.engine.write().apply(&op)?;
+        self.committer.commit(
+            &self.engine,
+            Batch {
+                ops: vec![op],
+                stores: Vec::new(),
+                apply: false,
+            },
+        )?;
+        log_events(&ev);
+        Ok(ev)
     }
 
     /// The trigger (FLASHCOPY.md §4.2): pause and drain I/O, make every write completed so far
