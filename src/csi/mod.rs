@@ -6,6 +6,7 @@
 //! - [`ids`]: ids that name node + agent object; CSI names as agent names.
 //! - [`agents`]: which agent serves which node. [`guards`]: ABORTED for concurrent calls.
 //! - [`status`]: every error to a gRPC status in one place. [`params`]: class parameters.
+//! - [`node`]: the node plugin: attach the NBD export, format, mount, bind-mount.
 
 pub mod agents;
 pub mod controller;
@@ -13,6 +14,7 @@ pub mod group;
 pub mod guards;
 pub mod identity;
 pub mod ids;
+pub mod node;
 pub mod params;
 pub mod status;
 

@@ -33,6 +33,7 @@ use crate::store::{BlockStore, StoreError};
 use commit::{Batch, Committer};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -811,26 +812,61 @@ impl Pool {
             return Ok(own.write_at(data, offset)?);
         };
         let gb = grain.bytes();
-        for (g, range) in grain_segments(offset, data.len() as u64, gb) {
-            let piece = &data[(range.start - offset) as usize..(range.end - offset) as usize];
-            let whole = range.start == g * gb && range.end == ((g + 1) * gb).min(size);
-            if self.engine.read().plan_write(vol, g, whole).is_noop() {
-                own.write_at(piece, range.start)?;
-                continue;
-            }
-            let _l = self.grain_lock(domain, g).write();
-            let plan = self.engine.read().plan_write(vol, g, whole);
-            let mut dirty = self.run_copies(&plan, gb, size)?;
+        let whole = |g: u64, r: &Range<u64>| r.start == g * gb && r.end == ((g + 1) * gb).min(size);
+        let piece = |r: &Range<u64>| &data[(r.start - offset) as usize..(r.end - offset) as usize];
+        // Grains that need a copy or a mark. The others are written as they are: a split grain
+        // stays split while the gate is held.
+        let slow: Vec<(u64, Range<u64>)> = {
+            let e = self.engine.read();
+            grain_segments(offset, data.len() as u64, gb)
+                .filter(|(g, r)| !e.plan_write(vol, *g, whole(*g, r)).is_noop())
+                .collect()
+        };
+        if slow.is_empty() {
+            return Ok(own.write_at(data, offset)?);
+        }
+        // All of them at once, shards in index order as the copier takes them, so that the
+        // request's copies share one commit round (one set of syncs, not one per grain).
+        let mut shards: Vec<usize> = slow
+            .iter()
+            .map(|(g, _)| self.grain_shard(domain, *g))
+            .collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let _locks: Vec<_> = shards
+            .iter()
+            .map(|i| self.grain_locks[*i].write())
+            .collect();
+        let plans: Vec<_> = {
+            let e = self.engine.read();
+            slow.iter()
+                .map(|(g, r)| e.plan_write(vol, *g, whole(*g, r)))
+                .collect()
+        };
+        let (mut marks, mut dirty, mut hidden) = (Vec::new(), Vec::new(), Vec::new());
+        for ((g, r), plan) in slow.iter().zip(plans) {
+            dirty.extend(self.run_copies(&plan, gb, size)?);
             self.stats
                 .cow_grains
                 .fetch_add(plan.copies.len() as u64, Ordering::Relaxed);
-            if plan.visible {
-                self.commit_marks(plan.marks, dirty)?;
-                own.write_at(piece, range.start)?;
-            } else {
-                own.write_at(piece, range.start)?;
-                dirty.push(own.clone());
-                self.commit_marks(plan.marks, dirty)?;
+            if !plan.visible {
+                // A target grain nobody reads from this volume until its mark is durable: the
+                // data goes first and is synced with the mark.
+                own.write_at(piece(r), r.start)?;
+                hidden.push(*g);
+            }
+            marks.extend(plan.marks);
+        }
+        if !hidden.is_empty() {
+            dirty.push(own.clone());
+        }
+        self.commit_marks(marks, dirty)?;
+        if hidden.is_empty() {
+            return Ok(own.write_at(data, offset)?);
+        }
+        for (g, r) in grain_segments(offset, data.len() as u64, gb) {
+            if !hidden.contains(&g) {
+                own.write_at(piece(&r), r.start)?;
             }
         }
         Ok(())
