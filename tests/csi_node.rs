@@ -956,3 +956,58 @@ fn cap_sys_resource() -> bool {
         })
         .is_some_and(|caps| caps & (1 << 24) != 0)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csi_node_subcommand_serves_identity_and_node_on_a_0660_socket() {
+    use flashcopy_csi::proto::csi::v1::identity_client::IdentityClient;
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&tmp.path().join("data"));
+    let sock = tmp.path().join("csi.sock");
+    // A stale socket file from an earlier run is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flashcopy-csi"))
+        .args(["csi", "node", "--node-id", "n7"])
+        .arg("--endpoint")
+        .arg(format!("unix://{}", sock.display()))
+        .arg("--agent")
+        .arg(agent.uri())
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "csi node exited");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(20));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o660
+    );
+    let ch = Endpoint::from_shared(format!("unix://{}", sock.display()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let info = NodeClient::new(ch.clone())
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, "n7");
+    let plugin = IdentityClient::new(ch)
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(plugin.name, "flashcopy.csi.io");
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(!sock.exists(), "the socket is removed on shutdown");
+    agent.stop_async().await.unwrap();
+}
