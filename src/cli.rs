@@ -51,6 +51,9 @@ pub enum CsiCommand {
     /// Serve CSI Identity, Controller and GroupController on a Unix socket, routing each call
     /// to the agent of the volume's node; stops on SIGTERM/SIGINT.
     Controller(crate::csi::ControllerConfig),
+    /// Serve CSI Identity and Node on a Unix socket: attach the local agent's NBD exports,
+    /// format blank devices, mount and bind-mount; stops on SIGTERM/SIGINT.
+    Node(crate::csi::node::NodeConfig),
 }
 
 /// Listing formats.

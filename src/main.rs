@@ -27,6 +27,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Agent(cfg) => flashcopy_csi::agent::main(cfg)?,
         Command::Fc(args) => return Ok(flashcopy_csi::fc::main(args)),
         Command::Csi(CsiCommand::Controller(cfg)) => flashcopy_csi::csi::controller_main(cfg)?,
+        Command::Csi(CsiCommand::Node(cfg)) => flashcopy_csi::csi::node::node_main(cfg)?,
     }
     Ok(ExitCode::SUCCESS)
 }

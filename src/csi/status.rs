@@ -59,6 +59,10 @@ pub enum CsiError {
     /// Not offered by this plugin.
     #[error("{0} is not supported by flashcopy.csi.io")]
     Unimplemented(&'static str),
+    /// The node plugin failed to attach, format or mount (states the caller must change are
+    /// mapped to FAILED_PRECONDITION before they get here).
+    #[error("{0}")]
+    Node(#[from] super::node::Error),
 }
 
 impl CsiError {
@@ -100,6 +104,7 @@ impl CsiError {
                 _ => Code::Internal,
             },
             CsiError::Unimplemented(_) => Code::Unimplemented,
+            CsiError::Node(_) => Code::Internal,
         }
     }
 }
