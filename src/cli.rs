@@ -40,6 +40,8 @@ pub enum Command {
     /// FlashCopy administration over the agent API, with IBM verbs (mkfcmap, lsfcmap,
     /// startfcconsistgrp, ...).
     Fc(crate::fc::Args),
+    /// Print our CustomResourceDefinitions (FlashCopyMapping, FlashCopyConsistencyGroup) as YAML.
+    Crd,
 }
 
 /// Listing formats.

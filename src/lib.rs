@@ -21,6 +21,7 @@ pub mod cli;
 pub mod demo;
 pub mod engine;
 pub mod fc;
+pub mod k8s;
 pub mod meta;
 pub mod nbd;
 pub mod proto;

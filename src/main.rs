@@ -26,6 +26,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Ls { data_dir, output } => flashcopy_csi::demo::ls(&data_dir, output)?,
         Command::Agent(cfg) => flashcopy_csi::agent::main(cfg)?,
         Command::Fc(args) => return Ok(flashcopy_csi::fc::main(args)),
+        Command::Crd => print!("{}", flashcopy_csi::k8s::crd::crd_yaml()?),
     }
     Ok(ExitCode::SUCCESS)
 }
