@@ -3,7 +3,7 @@
 //! No `protoc` is needed: `protox` parses the `.proto` files into a `FileDescriptorSet` in pure
 //! Rust, and `tonic-prost-build` generates the messages, clients and servers from it.
 
-const PROTOS: &[&str] = &["proto/agent/v1/agent.proto"];
+const PROTOS: &[&str] = &["proto/agent/v1/agent.proto", "proto/csi/v1/csi.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for p in PROTOS {

@@ -15,3 +15,18 @@ pub mod agent {
         tonic::include_proto!("flashcopy.agent.v1");
     }
 }
+
+/// The Container Storage Interface, `csi.v1` (`proto/csi/v1/csi.proto`, CSI 1.12).
+pub mod csi {
+    /// Version 1.
+    #[allow(
+        missing_docs,
+        clippy::all,
+        clippy::pedantic,
+        clippy::nursery,
+        unreachable_pub
+    )]
+    pub mod v1 {
+        tonic::include_proto!("csi.v1");
+    }
+}
