@@ -43,6 +43,12 @@ pub enum Command {
     /// The CSI plugin.
     #[command(subcommand)]
     Csi(CsiCommand),
+    /// Agent, CSI controller and CSI node in one process on one host: CSI on DIR/csi.sock,
+    /// the agent API on DIR/agent.sock, NBD on DIR/nbd.sock; runs until SIGTERM (`--demo`:
+    /// walks through snapshots over its own CSI socket, then stops).
+    Standalone(crate::standalone::Config),
+    /// Print our CustomResourceDefinitions (FlashCopyMapping, FlashCopyConsistencyGroup) as YAML.
+    Crd,
 }
 
 /// `flashcopy-csi csi ...`.

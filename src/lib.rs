@@ -15,7 +15,9 @@
 //! - [`agent`]: the node daemon: the agent gRPC API, NBD exports, copy workers, shutdown.
 //! - [`proto`]: generated gRPC code (`proto/agent/v1/agent.proto`).
 //! - [`fc`]: the operator's FlashCopy command line over the agent API.
-//! - [`csi`]: the CSI plugin (Identity, Controller, GroupController) over the agent API.
+//! - [`csi`]: the CSI plugin (Identity, Controller, GroupController, Node) over the agent API.
+//! - [`standalone`]: agent + CSI controller + CSI node in one process (the embedded default).
+//! - [`k8s`]: the snapshot controller (kube-rs) and our FlashCopy CRDs.
 
 pub mod agent;
 pub mod cli;
@@ -23,8 +25,10 @@ pub mod csi;
 pub mod demo;
 pub mod engine;
 pub mod fc;
+pub mod k8s;
 pub mod meta;
 pub mod nbd;
 pub mod proto;
+pub mod standalone;
 pub mod store;
 pub mod volume;

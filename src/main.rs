@@ -8,7 +8,10 @@ use tracing_subscriber::EnvFilter;
 fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     // The agent is a daemon: its default log level tells what it does.
-    let level = if matches!(cli.command, Command::Agent(_) | Command::Csi(_)) {
+    let level = if matches!(
+        cli.command,
+        Command::Agent(_) | Command::Csi(_) | Command::Standalone(_)
+    ) {
         "info"
     } else {
         "warn"
@@ -28,6 +31,8 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Fc(args) => return Ok(flashcopy_csi::fc::main(args)),
         Command::Csi(CsiCommand::Controller(cfg)) => flashcopy_csi::csi::controller_main(cfg)?,
         Command::Csi(CsiCommand::Node(cfg)) => flashcopy_csi::csi::node::node_main(cfg)?,
+        Command::Standalone(cfg) => flashcopy_csi::standalone::main(cfg)?,
+        Command::Crd => print!("{}", flashcopy_csi::k8s::crd::crd_yaml()?),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -18,6 +18,7 @@
 //! [`Exports`], naming exports by volume name (or numeric volume id), and counts every request
 //! in the pool's stats ([`Metered`]).
 
+pub mod client;
 mod handshake;
 mod metered;
 mod proto;

@@ -1,0 +1,963 @@
+//! Table-driven reconcile tests of the snapshot controller against a mocked API server:
+//! initial objects (upstream CRD shapes) -> steps (reconcile rounds, deletions, injected API
+//! and CSI errors) -> expected objects, statuses, finalizers, events and CSI calls.
+//! Each §D pain point of K8S-SNAPSHOTS.md that applies to us has a case named after it.
+
+mod k8s_common;
+
+use flashcopy_csi::k8s::Ctx;
+use flashcopy_csi::k8s::api::*;
+use flashcopy_csi::k8s::group::{sync_group_content, sync_group_snapshot};
+use flashcopy_csi::k8s::names::*;
+use flashcopy_csi::k8s::snapshot::{sync_content, sync_snapshot};
+use k8s_common::*;
+use serde_json::{Value, json};
+use tonic::Code;
+
+const BASE: &str = r#"
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshotClass
+metadata:
+  name: fc
+  annotations: {snapshot.storage.kubernetes.io/is-default-class: "true"}
+driver: flashcopy.csi.io
+deletionPolicy: Delete
+parameters:
+  copyRate: "0"
+  csi.storage.k8s.io/snapshotter-secret-name: fc-secret
+  csi.storage.k8s.io/snapshotter-secret-namespace: ${volumesnapshot.namespace}
+---
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshotClass
+metadata: {name: other}
+driver: other.csi.example.com
+deletionPolicy: Delete
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: fc-secret, namespace: app}
+data: {token: czNjcjN0}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: db, namespace: app, uid: pvc-uid-db, labels: {app: shop, tier: data}}
+spec: {volumeName: pv-db, accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}
+status: {phase: Bound}
+---
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: pv-db}
+spec:
+  capacity: {storage: 1Gi}
+  volumeMode: Filesystem
+  accessModes: [ReadWriteOnce]
+  claimRef: {name: db, namespace: app, uid: pvc-uid-db}
+  csi: {driver: flashcopy.csi.io, volumeHandle: node1/vol-db}
+"#;
+
+const SNAP1: &str = r#"
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: snap1, namespace: app, uid: vs-uid-1}
+spec:
+  source: {persistentVolumeClaimName: db}
+"#;
+
+const HANDLE1: &str = "node1/vol-db:snapshot-vs-uid-1";
+const CTIME_RFC3339: &str = "2025-11-22T08:26:40Z";
+
+/// One step of a case.
+enum Step {
+    /// Reconcile every snapshot object this many rounds (stops early when nothing changes).
+    Rounds(usize),
+    /// Delete an object through the API (finalizers hold it).
+    Delete(&'static str, &'static str, String),
+    /// Create or replace objects (YAML).
+    Put(&'static str),
+    /// Inject an API fault.
+    ApiFault(Fault),
+    /// Script the next driver answer: (call, code, storage did it anyway).
+    CsiFault(&'static str, Code, bool),
+    /// Expect an object (subset of fields; `null` = field absent) or its absence (`None`).
+    Expect(&'static str, &'static str, String, Option<Value>),
+    /// Expect exactly these CSI calls since the start.
+    Calls(Vec<String>),
+    /// Expect these event reasons among the published events.
+    Events(Vec<&'static str>),
+    /// Expect a reconcile error containing this text since the last check.
+    ErrorLike(&'static str),
+}
+use Step::*;
+
+fn vsc1() -> String {
+    content_name("vs-uid-1")
+}
+
+async fn round(server: &ApiServer, ctx: &Ctx, errors: &mut Vec<String>) {
+    for v in server.list("volumegroupsnapshots") {
+        let o: VolumeGroupSnapshot = serde_json::from_value(v).unwrap();
+        if let Err(e) = sync_group_snapshot(&o, ctx).await {
+            errors.push(e.to_string());
+        }
+    }
+    for v in server.list("volumegroupsnapshotcontents") {
+        let o: VolumeGroupSnapshotContent = serde_json::from_value(v).unwrap();
+        if let Err(e) = sync_group_content(&o, ctx).await {
+            errors.push(e.to_string());
+        }
+    }
+    for v in server.list("volumesnapshots") {
+        let o: VolumeSnapshot = serde_json::from_value(v).unwrap();
+        if let Err(e) = sync_snapshot(&o, ctx).await {
+            errors.push(e.to_string());
+        }
+    }
+    for v in server.list("volumesnapshotcontents") {
+        let o: VolumeSnapshotContent = serde_json::from_value(v).unwrap();
+        if let Err(e) = sync_content(&o, ctx).await {
+            errors.push(e.to_string());
+        }
+    }
+}
+
+async fn run_case(name: &str, objects: &str, driver: FakeDriver, steps: Vec<Step>) {
+    let (server, client) = ApiServer::start(objects);
+    let ctx = ctx(client, &driver);
+    let mut errors: Vec<String> = Vec::new();
+    for (i, step) in steps.into_iter().enumerate() {
+        let at = format!("case {name}, step {i}");
+        match step {
+            Rounds(n) => {
+                for _ in 0..n {
+                    let before = (server.version(), server.state.lock().faults_hit);
+                    round(&server, &ctx, &mut errors).await;
+                    if (server.version(), server.state.lock().faults_hit) == before {
+                        break;
+                    }
+                }
+            }
+            Delete(plural, ns, obj) => server.delete(plural, ns, &obj),
+            Put(yaml) => {
+                for doc in serde_yaml::Deserializer::from_str(yaml) {
+                    let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+                    server.insert(v);
+                }
+            }
+            ApiFault(f) => server.fault(f),
+            CsiFault(call, code, done) => driver.push_fault(call, code, done),
+            Expect(plural, ns, obj, want) => {
+                let got = server.get(plural, ns, &obj);
+                match (want, got) {
+                    (None, None) => {}
+                    (None, Some(g)) => panic!("{at}: {plural} {ns}/{obj} should be gone: {g:#}"),
+                    (Some(_), None) => {
+                        panic!("{at}: {plural} {ns}/{obj} missing; errors {errors:#?}")
+                    }
+                    (Some(w), Some(g)) => {
+                        if let Err(e) = subset(&w, &g, "") {
+                            panic!(
+                                "{at}: {plural} {ns}/{obj}: {e}\nobject: {g:#}\nerrors: {errors:#?}"
+                            );
+                        }
+                    }
+                }
+            }
+            Calls(want) => assert_eq!(driver.calls(), want, "{at}"),
+            Events(want) => {
+                let got = server.event_reasons();
+                for w in want {
+                    assert!(got.iter().any(|g| g == w), "{at}: no {w} event in {got:?}");
+                }
+            }
+            ErrorLike(text) => {
+                assert!(
+                    errors.iter().any(|e| e.contains(text)),
+                    "{at}: no error like {text:?} in {errors:#?}"
+                );
+                errors.clear();
+            }
+        }
+    }
+}
+
+fn objects(extra: &[&str]) -> String {
+    let mut s = BASE.to_string();
+    for e in extra {
+        s.push_str("\n---\n");
+        s.push_str(e);
+    }
+    s
+}
+
+fn ready_snapshot_expectations() -> Vec<Step> {
+    vec![
+        Expect(
+            "volumesnapshotcontents",
+            "",
+            vsc1(),
+            Some(json!({
+                "metadata": {
+                    "finalizers": [FIN_CONTENT_BOUND],
+                    "annotations": {
+                        ANN_DELETION_SECRET_NAME: "fc-secret",
+                        ANN_DELETION_SECRET_NAMESPACE: "app",
+                        ANN_BEING_CREATED: null,
+                    },
+                },
+                "spec": {
+                    "driver": DRIVER,
+                    "deletionPolicy": "Delete",
+                    "source": {"volumeHandle": "node1/vol-db", "snapshotHandle": null},
+                    "sourceVolumeMode": "Filesystem",
+                    "volumeSnapshotClassName": "fc",
+                    "volumeSnapshotRef": {"name": "snap1", "namespace": "app", "uid": "vs-uid-1",
+                        "kind": "VolumeSnapshot", "apiVersion": "snapshot.storage.k8s.io/v1"},
+                },
+                "status": {"snapshotHandle": HANDLE1, "readyToUse": true,
+                           "creationTime": CTIME, "restoreSize": SIZE, "error": null},
+            })),
+        ),
+        Expect(
+            "volumesnapshots",
+            "app",
+            "snap1".into(),
+            Some(json!({
+                "metadata": {"finalizers": [FIN_SNAPSHOT_AS_SOURCE, FIN_SNAPSHOT_BOUND]},
+                "spec": {"volumeSnapshotClassName": "fc"},
+                "status": {"boundVolumeSnapshotContentName": vsc1(), "readyToUse": true,
+                           "restoreSize": "1073741824", "creationTime": CTIME_RFC3339, "error": null},
+            })),
+        ),
+        // §D.1: once the snapshot is cut the claim is free to go.
+        Expect(
+            "persistentvolumeclaims",
+            "app",
+            "db".into(),
+            Some(json!({"metadata": {"finalizers": null}})),
+        ),
+        Events(vec!["CreatingSnapshot", "SnapshotCreated", "SnapshotReady"]),
+    ]
+}
+
+#[tokio::test]
+async fn dynamic_snapshot_default_class_secrets_and_status() {
+    let driver = FakeDriver::default();
+    let mut steps = vec![Rounds(10)];
+    steps.extend(ready_snapshot_expectations());
+    // Ready: the driver is called exactly once, never again.
+    steps.push(Rounds(3));
+    steps.push(Calls(vec![format!(
+        "CreateSnapshot snapshot-vs-uid-1 node1/vol-db"
+    )]));
+    run_case("dynamic", &objects(&[SNAP1]), driver.clone(), steps).await;
+    let st = driver.state.lock();
+    assert_eq!(
+        st.secrets_seen[0].get("token").map(String::as_str),
+        Some("s3cr3t")
+    );
+    // Reserved keys never reach the driver.
+    assert_eq!(
+        st.params_seen[0],
+        [("copyRate".to_string(), "0".to_string())].into()
+    );
+}
+
+#[tokio::test]
+async fn delete_policy_delete_removes_storage_and_objects() {
+    let driver = FakeDriver::default();
+    run_case(
+        "delete",
+        &objects(&[SNAP1]),
+        driver.clone(),
+        vec![
+            Rounds(10),
+            Delete("volumesnapshots", "app", "snap1".into()),
+            Rounds(10),
+            Expect("volumesnapshots", "app", "snap1".into(), None),
+            Expect("volumesnapshotcontents", "", vsc1(), None),
+            Calls(vec![
+                "CreateSnapshot snapshot-vs-uid-1 node1/vol-db".into(),
+                format!("DeleteSnapshot {HANDLE1}"),
+            ]),
+        ],
+    )
+    .await;
+    // DeleteSnapshot got the deletion secret recorded on the content.
+    let st = driver.state.lock();
+    assert_eq!(
+        st.secrets_seen[1].get("token").map(String::as_str),
+        Some("s3cr3t")
+    );
+    assert!(st.snapshots.is_empty());
+}
+
+#[tokio::test]
+async fn delete_policy_retain_keeps_storage() {
+    let retain = BASE.replacen("deletionPolicy: Delete", "deletionPolicy: Retain", 1);
+    let objs = format!("{retain}\n---\n{SNAP1}");
+    run_case(
+        "retain",
+        &objs,
+        FakeDriver::default(),
+        vec![
+            Rounds(10),
+            Expect(
+                "volumesnapshots",
+                "app",
+                "snap1".into(),
+                // No bound-protection for a Retain content.
+                Some(json!({"metadata": {"finalizers": [FIN_SNAPSHOT_AS_SOURCE]}})),
+            ),
+            Delete("volumesnapshots", "app", "snap1".into()),
+            Rounds(10),
+            Expect("volumesnapshots", "app", "snap1".into(), None),
+            Expect(
+                "volumesnapshotcontents",
+                "",
+                vsc1(),
+                Some(
+                    json!({"metadata": {"annotations": {ANN_BEING_DELETED: "yes"}},
+                            "status": {"snapshotHandle": HANDLE1}}),
+                ),
+            ),
+            // §D.3: the retained content deletes at once when asked, keeping the storage.
+            Delete("volumesnapshotcontents", "", "snapcontent-vs-uid-1".into()),
+            Rounds(10),
+            Expect("volumesnapshotcontents", "", vsc1(), None),
+            Calls(vec!["CreateSnapshot snapshot-vs-uid-1 node1/vol-db".into()]),
+        ],
+    )
+    .await;
+}
+
+const STATIC: &str = r#"
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshotContent
+metadata: {name: imported}
+spec:
+  deletionPolicy: Delete
+  driver: flashcopy.csi.io
+  source: {snapshotHandle: "node1/vol-db:old"}
+  volumeSnapshotRef: {name: restored, namespace: app}
+---
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: restored, namespace: app, uid: vs-uid-static}
+spec:
+  source: {volumeSnapshotContentName: imported}
+"#;
+
+fn driver_with(id: &str) -> FakeDriver {
+    let d = FakeDriver::default();
+    d.state.lock().snapshots.insert(
+        "old".into(),
+        flashcopy_csi::k8s::driver::SnapshotInfo {
+            snapshot_id: id.into(),
+            source_volume_id: "node1/vol-db".into(),
+            creation_time_ns: CTIME,
+            size_bytes: SIZE,
+            ready_to_use: true,
+            group_snapshot_id: String::new(),
+        },
+    );
+    d
+}
+
+#[tokio::test]
+async fn pre_provisioned_content_binds_and_lists() {
+    run_case(
+        "static",
+        &objects(&[STATIC]),
+        driver_with("node1/vol-db:old"),
+        vec![
+            Rounds(10),
+            Expect(
+                "volumesnapshotcontents",
+                "",
+                "imported".into(),
+                Some(json!({
+                    "metadata": {"finalizers": [FIN_CONTENT_BOUND]},
+                    "spec": {"volumeSnapshotRef": {"uid": "vs-uid-static"}},
+                    "status": {"snapshotHandle": "node1/vol-db:old", "readyToUse": true, "restoreSize": SIZE},
+                })),
+            ),
+            Expect(
+                "volumesnapshots",
+                "app",
+                "restored".into(),
+                Some(json!({"status": {"boundVolumeSnapshotContentName": "imported", "readyToUse": true}})),
+            ),
+            Calls(vec!["ListSnapshots node1/vol-db:old".into()]),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn pre_provisioned_handle_unknown_to_driver_is_reported() {
+    run_case(
+        "static-missing",
+        &objects(&[STATIC]),
+        FakeDriver::default(),
+        vec![
+            Rounds(6),
+            ErrorLike("does not exist on the driver"),
+            // §D.7: the reason reaches the VolumeSnapshot.
+            Expect(
+                "volumesnapshots",
+                "app",
+                "restored".into(),
+                Some(json!({"status": {"readyToUse": false, "error": {"message":
+                    "snapshot node1/vol-db:old does not exist on the driver"}}})),
+            ),
+        ],
+    )
+    .await;
+}
+
+/// §D.3 (issue 678): a content whose snapshot is long gone deletes when asked.
+#[tokio::test]
+async fn pain3_standalone_content_without_snapshot_deletes() {
+    let orphan = r#"
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshotContent
+metadata:
+  name: orphan
+  finalizers: [snapshot.storage.kubernetes.io/volumesnapshotcontent-bound-protection]
+spec:
+  deletionPolicy: Delete
+  driver: flashcopy.csi.io
+  source: {snapshotHandle: "node1/vol-db:old"}
+  volumeSnapshotRef: {name: gone, namespace: app, uid: uid-of-a-deleted-snapshot}
+status: {snapshotHandle: "node1/vol-db:old", readyToUse: true}
+"#;
+    run_case(
+        "orphan",
+        &objects(&[orphan]),
+        driver_with("node1/vol-db:old"),
+        vec![
+            Delete("volumesnapshotcontents", "", "orphan".into()),
+            Rounds(5),
+            Expect("volumesnapshotcontents", "", "orphan".into(), None),
+            Calls(vec!["DeleteSnapshot node1/vol-db:old".into()]),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn non_final_csi_error_keeps_being_created_then_converges() {
+    let driver = FakeDriver::default();
+    let mut steps = vec![
+        // The storage cut the snapshot but the answer was lost (timeout).
+        CsiFault("create", Code::DeadlineExceeded, true),
+        Rounds(1),
+        ErrorLike("DeadlineExceeded"),
+        Expect(
+            "volumesnapshotcontents",
+            "",
+            vsc1(),
+            Some(
+                json!({"metadata": {"annotations": {ANN_BEING_CREATED: "yes"}},
+                        "status": {"readyToUse": false, "snapshotHandle": null}}),
+            ),
+        ),
+        // The claim stays protected while the outcome is unknown.
+        Expect(
+            "persistentvolumeclaims",
+            "app",
+            "db".into(),
+            Some(json!({"metadata": {"finalizers": [FIN_PVC_AS_SOURCE]}})),
+        ),
+        Rounds(10),
+    ];
+    steps.extend(ready_snapshot_expectations());
+    steps.push(Calls(vec![
+        "CreateSnapshot snapshot-vs-uid-1 node1/vol-db".into(),
+        "CreateSnapshot snapshot-vs-uid-1 node1/vol-db".into(),
+    ]));
+    run_case("non-final", &objects(&[SNAP1]), driver.clone(), steps).await;
+    assert_eq!(
+        driver.state.lock().snapshots.len(),
+        1,
+        "one storage snapshot"
+    );
+}
+
+/// §D.1 and §D.7: a final CSI error is shown on the snapshot and releases the claim.
+#[tokio::test]
+async fn pain1_final_csi_error_releases_pvc_and_is_surfaced() {
+    run_case(
+        "final",
+        &objects(&[SNAP1]),
+        FakeDriver::default(),
+        vec![
+            CsiFault("create", Code::InvalidArgument, false),
+            CsiFault("create", Code::InvalidArgument, false),
+            Rounds(2),
+            ErrorLike("InvalidArgument"),
+            Expect(
+                "volumesnapshotcontents",
+                "",
+                vsc1(),
+                Some(
+                    json!({"metadata": {"annotations": {ANN_BEING_CREATED: null}},
+                            "status": {"readyToUse": false, "error": {"message":
+                    "CreateSnapshot snapshot-vs-uid-1: InvalidArgument: scripted failure"}}}),
+                ),
+            ),
+            Expect(
+                "volumesnapshots",
+                "app",
+                "snap1".into(),
+                Some(json!({"status": {"readyToUse": false, "error": {"message":
+                    "CreateSnapshot snapshot-vs-uid-1: InvalidArgument: scripted failure"}}})),
+            ),
+            Expect(
+                "persistentvolumeclaims",
+                "app",
+                "db".into(),
+                Some(json!({"metadata": {"finalizers": null}})),
+            ),
+            Events(vec!["SnapshotCreationFailed"]),
+            // Deleting the failed snapshot leaves nothing behind and calls no DeleteSnapshot.
+            Delete("volumesnapshots", "app", "snap1".into()),
+            Delete("persistentvolumeclaims", "app", "db".into()),
+            Rounds(10),
+            Expect("volumesnapshots", "app", "snap1".into(), None),
+            Expect("volumesnapshotcontents", "", vsc1(), None),
+            Expect("persistentvolumeclaims", "app", "db".into(), None),
+        ],
+    )
+    .await;
+}
+
+/// §D.5: a snapshot deleted while CreateSnapshot timed out neither leaks nor hangs.
+#[tokio::test]
+async fn pain5_delete_during_timed_out_create_settles_and_deletes() {
+    let driver = FakeDriver::default();
+    run_case(
+        "timeout-delete",
+        &objects(&[SNAP1]),
+        driver.clone(),
+        vec![
+            CsiFault("create", Code::DeadlineExceeded, true),
+            Rounds(1),
+            Delete("volumesnapshots", "app", "snap1".into()),
+            Rounds(10),
+            Expect("volumesnapshots", "app", "snap1".into(), None),
+            Expect("volumesnapshotcontents", "", vsc1(), None),
+        ],
+    )
+    .await;
+    let st = driver.state.lock();
+    assert!(st.snapshots.is_empty(), "leaked {:?}", st.snapshots);
+    assert_eq!(st.deleted, [HANDLE1]);
+}
+
+/// §D.4: throttled being-deleted PATCHes (429) do not leak storage.
+#[tokio::test]
+async fn pain4_throttled_being_deleted_patch_does_not_leak() {
+    let driver = FakeDriver::default();
+    let mut f = Fault::new("PATCH", "volumesnapshotcontents", 429, 3);
+    f.status = Some(false);
+    run_case(
+        "throttled",
+        &objects(&[SNAP1]),
+        driver.clone(),
+        vec![
+            Rounds(10),
+            ApiFault(f),
+            Delete("volumesnapshots", "app", "snap1".into()),
+            Rounds(12),
+            ErrorLike("TooManyRequests"),
+            Expect("volumesnapshots", "app", "snap1".into(), None),
+            Expect("volumesnapshotcontents", "", vsc1(), None),
+        ],
+    )
+    .await;
+    assert_eq!(driver.state.lock().deleted, [HANDLE1]);
+}
+
+#[tokio::test]
+async fn api_conflicts_and_server_errors_are_retried() {
+    let mut conflict = Fault::new("PATCH", "volumesnapshots", 409, 2);
+    conflict.status = Some(true);
+    let mut steps = vec![
+        ApiFault(Fault::new("POST", "volumesnapshotcontents", 500, 1)),
+        ApiFault(conflict),
+        ApiFault(Fault::new("GET", "persistentvolumeclaims", 503, 1)),
+        Rounds(12),
+        ErrorLike("injected fault"),
+    ];
+    steps.extend(ready_snapshot_expectations());
+    steps.push(Calls(vec![
+        "CreateSnapshot snapshot-vs-uid-1 node1/vol-db".into(),
+    ]));
+    run_case(
+        "api-errors",
+        &objects(&[SNAP1]),
+        FakeDriver::default(),
+        steps,
+    )
+    .await;
+}
+
+/// §D.6: deleting a snapshot a PVC is being restored from waits, then completes.
+#[tokio::test]
+async fn pain6_delete_waits_for_pending_restore() {
+    let restore_pending = r#"
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: db-restore, namespace: app}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 1Gi}}
+  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: snap1}
+status: {phase: Pending}
+"#;
+    let restore_bound = r#"
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: db-restore, namespace: app}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 1Gi}}
+  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: snap1}
+status: {phase: Bound}
+"#;
+    run_case(
+        "restore-pending",
+        &objects(&[SNAP1]),
+        FakeDriver::default(),
+        vec![
+            Rounds(10),
+            Put(restore_pending),
+            Delete("volumesnapshots", "app", "snap1".into()),
+            Rounds(3),
+            ErrorLike("being restored"),
+            Events(vec!["SnapshotDeletePending"]),
+            Expect(
+                "volumesnapshotcontents",
+                "",
+                vsc1(),
+                Some(json!({"metadata": {"deletionTimestamp": null}})),
+            ),
+            Put(restore_bound),
+            Rounds(10),
+            Expect("volumesnapshots", "app", "snap1".into(), None),
+            Expect("volumesnapshotcontents", "", vsc1(), None),
+        ],
+    )
+    .await;
+}
+
+/// §D.8: a snapshot of a claim being deleted fails with a plain message and creates nothing.
+#[tokio::test]
+async fn pain8_snapshot_of_deleting_pvc_is_refused_clearly() {
+    let deleting = BASE.replacen(
+        "metadata: {name: db, namespace: app, uid: pvc-uid-db, labels: {app: shop, tier: data}}",
+        "metadata: {name: db, namespace: app, uid: pvc-uid-db, deletionTimestamp: \"2026-11-22T10:00:00Z\", finalizers: [kubernetes.io/pvc-protection]}",
+        1,
+    );
+    run_case(
+        "pvc-deleting",
+        &format!("{deleting}\n---\n{SNAP1}"),
+        FakeDriver::default(),
+        vec![
+            Rounds(4),
+            ErrorLike("is being deleted"),
+            Expect("volumesnapshotcontents", "", vsc1(), None),
+            Expect(
+                "volumesnapshots",
+                "app",
+                "snap1".into(),
+                Some(json!({"status": {"readyToUse": false, "error": {"message":
+                    "PersistentVolumeClaim app/db is being deleted; it cannot be snapshotted"}}})),
+            ),
+            Calls(vec![]),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn class_problems_are_reported_and_hold_nothing() {
+    // Two defaults for our driver.
+    let two_defaults = r#"
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshotClass
+metadata:
+  name: fc2
+  annotations: {snapshot.storage.kubernetes.io/is-default-class: "true"}
+driver: flashcopy.csi.io
+deletionPolicy: Delete
+"#;
+    run_case(
+        "two-defaults",
+        &objects(&[two_defaults, SNAP1]),
+        FakeDriver::default(),
+        vec![
+            Rounds(3),
+            ErrorLike("2 default VolumeSnapshotClasses"),
+            Events(vec!["SetDefaultSnapshotClassFailed"]),
+            Expect("volumesnapshotcontents", "", vsc1(), None),
+            // §D.1: no claim finalizer for a snapshot that cannot start.
+            Expect(
+                "persistentvolumeclaims",
+                "app",
+                "db".into(),
+                Some(json!({"metadata": {"finalizers": null}})),
+            ),
+        ],
+    )
+    .await;
+    // An unknown reserved parameter.
+    let bad = BASE.replacen("copyRate: \"0\"", "csi.storage.k8s.io/fstype: ext4", 1);
+    run_case(
+        "bad-param",
+        &format!("{bad}\n---\n{SNAP1}"),
+        FakeDriver::default(),
+        vec![
+            Rounds(3),
+            ErrorLike("unknown reserved parameter \"csi.storage.k8s.io/fstype\""),
+            Expect("volumesnapshotcontents", "", vsc1(), None),
+            Calls(vec![]),
+        ],
+    )
+    .await;
+    // A claim that is not bound yet: retried, not protected.
+    let unbound = BASE.replacen("status: {phase: Bound}", "status: {phase: Pending}", 1);
+    run_case(
+        "unbound",
+        &format!("{unbound}\n---\n{SNAP1}"),
+        FakeDriver::default(),
+        vec![
+            Rounds(3),
+            ErrorLike("is not bound yet"),
+            Expect(
+                "persistentvolumeclaims",
+                "app",
+                "db".into(),
+                Some(json!({"metadata": {"finalizers": null}})),
+            ),
+        ],
+    )
+    .await;
+}
+
+/// §D.9: two contents sharing one snapshot handle both delete.
+#[tokio::test]
+async fn pain9_two_contents_sharing_a_handle_both_delete() {
+    let two = r#"
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshotContent
+metadata: {name: c1}
+spec:
+  deletionPolicy: Delete
+  driver: flashcopy.csi.io
+  source: {snapshotHandle: "node1/vol-db:old"}
+  volumeSnapshotRef: {name: s1, namespace: app}
+---
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshotContent
+metadata: {name: c2}
+spec:
+  deletionPolicy: Delete
+  driver: flashcopy.csi.io
+  source: {snapshotHandle: "node1/vol-db:old"}
+  volumeSnapshotRef: {name: s2, namespace: app}
+---
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: s1, namespace: app}
+spec: {source: {volumeSnapshotContentName: c1}}
+---
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: s2, namespace: app}
+spec: {source: {volumeSnapshotContentName: c2}}
+"#;
+    run_case(
+        "shared-handle",
+        &objects(&[two]),
+        driver_with("node1/vol-db:old"),
+        vec![
+            Rounds(10),
+            Delete("volumesnapshots", "app", "s1".into()),
+            Delete("volumesnapshots", "app", "s2".into()),
+            Rounds(10),
+            Expect("volumesnapshots", "app", "s1".into(), None),
+            Expect("volumesnapshots", "app", "s2".into(), None),
+            Expect("volumesnapshotcontents", "", "c1".into(), None),
+            Expect("volumesnapshotcontents", "", "c2".into(), None),
+        ],
+    )
+    .await;
+}
+
+/// Contents of other drivers are left to their own sidecar.
+#[tokio::test]
+async fn other_drivers_contents_are_not_touched() {
+    let other = r#"
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshotContent
+metadata: {name: theirs}
+spec:
+  deletionPolicy: Delete
+  driver: other.csi.example.com
+  source: {volumeHandle: "x"}
+  volumeSnapshotRef: {name: s, namespace: app, uid: u}
+"#;
+    run_case(
+        "other-driver",
+        &objects(&[other]),
+        FakeDriver::default(),
+        vec![
+            Rounds(3),
+            Expect(
+                "volumesnapshotcontents",
+                "",
+                "theirs".into(),
+                Some(json!({"status": null})),
+            ),
+            Calls(vec![]),
+        ],
+    )
+    .await;
+}
+
+const PVC_LOG: &str = r#"
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: log, namespace: app, uid: pvc-uid-log, labels: {app: shop, tier: log}}
+spec: {volumeName: pv-log, accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}
+status: {phase: Bound}
+---
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: pv-log}
+spec:
+  capacity: {storage: 1Gi}
+  volumeMode: Block
+  accessModes: [ReadWriteOnce]
+  claimRef: {name: log, namespace: app, uid: pvc-uid-log}
+  csi: {driver: flashcopy.csi.io, volumeHandle: node1/vol-log}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: cache, namespace: app, uid: pvc-uid-cache, labels: {app: shop, tier: cache}}
+spec: {volumeName: pv-cache, accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}
+status: {phase: Pending}
+---
+apiVersion: groupsnapshot.storage.k8s.io/v1
+kind: VolumeGroupSnapshotClass
+metadata:
+  name: fc-group
+  annotations: {groupsnapshot.storage.kubernetes.io/is-default-class: "true"}
+driver: flashcopy.csi.io
+deletionPolicy: Delete
+"#;
+
+const VGS: &str = r#"
+apiVersion: groupsnapshot.storage.k8s.io/v1
+kind: VolumeGroupSnapshot
+metadata: {name: shop, namespace: app, uid: vgs-uid-1}
+spec:
+  source:
+    selector:
+      matchLabels: {app: shop}
+      matchExpressions:
+      - {key: tier, operator: In, values: [data, log]}
+"#;
+
+#[tokio::test]
+async fn dynamic_group_snapshot_members_and_deletion() {
+    let driver = FakeDriver::default();
+    let gname = "groupsnapshot-vgs-uid-1";
+    let vs_db = member_snapshot_name("vgs-uid-1", "node1/vol-db");
+    let vsc_db = member_content_name("vgs-uid-1", "node1/vol-db");
+    let vsc_log = member_content_name("vgs-uid-1", "node1/vol-log");
+    run_case(
+        "group",
+        &objects(&[PVC_LOG, VGS]),
+        driver.clone(),
+        vec![
+            Rounds(12),
+            Expect(
+                "volumegroupsnapshotcontents",
+                "",
+                group_content_name("vgs-uid-1"),
+                Some(json!({
+                    "metadata": {"finalizers": [FIN_GROUP_CONTENT_BOUND]},
+                    // §D.13: matchExpressions honoured (cache excluded by tier).
+                    "spec": {"source": {"volumeHandles": ["node1/vol-db", "node1/vol-log"]},
+                             "volumeGroupSnapshotClassName": "fc-group", "driver": DRIVER,
+                             "volumeGroupSnapshotRef": {"uid": "vgs-uid-1"}},
+                    "status": {"volumeGroupSnapshotHandle": format!("group:{gname}"), "readyToUse": true,
+                               "creationTime": CTIME_RFC3339,
+                               "volumeSnapshotInfoList": [
+                                   {"volumeHandle": "node1/vol-db", "snapshotHandle": format!("node1/vol-db:{gname}"),
+                                    "readyToUse": true, "restoreSize": SIZE, "creationTime": CTIME},
+                                   {"volumeHandle": "node1/vol-log", "snapshotHandle": format!("node1/vol-log:{gname}"),
+                                    "readyToUse": true, "restoreSize": SIZE, "creationTime": CTIME}]},
+                })),
+            ),
+            Expect(
+                "volumegroupsnapshots",
+                "app",
+                "shop".into(),
+                Some(json!({"metadata": {"finalizers": [FIN_GROUP_BOUND]},
+                            "spec": {"volumeGroupSnapshotClassName": "fc-group"},
+                            "status": {"readyToUse": true, "creationTime": CTIME_RFC3339,
+                                       "boundVolumeGroupSnapshotContentName": group_content_name("vgs-uid-1")}})),
+            ),
+            Expect(
+                "volumesnapshots",
+                "app",
+                vs_db.clone(),
+                Some(json!({
+                    "metadata": {"finalizers": [FIN_SNAPSHOT_IN_GROUP, FIN_SNAPSHOT_AS_SOURCE, FIN_SNAPSHOT_BOUND],
+                                 "ownerReferences": [{"kind": "VolumeGroupSnapshot", "name": "shop", "uid": "vgs-uid-1"}]},
+                    // The restore mapping: member -> claim.
+                    "spec": {"source": {"persistentVolumeClaimName": "db"}},
+                    "status": {"boundVolumeSnapshotContentName": vsc_db, "readyToUse": true,
+                               "volumeGroupSnapshotName": "shop", "restoreSize": "1073741824"},
+                })),
+            ),
+            Expect(
+                "volumesnapshotcontents",
+                "",
+                vsc_log.clone(),
+                Some(json!({
+                    "metadata": {"annotations": {ANN_MEMBER_GROUP_HANDLE: format!("group:{gname}")},
+                                 "finalizers": [FIN_CONTENT_BOUND]},
+                    "spec": {"source": {"volumeHandle": "node1/vol-log"}, "sourceVolumeMode": "Block",
+                             "volumeSnapshotClassName": null},
+                    "status": {"snapshotHandle": format!("node1/vol-log:{gname}"),
+                               "volumeGroupSnapshotHandle": format!("group:{gname}"), "readyToUse": true},
+                })),
+            ),
+            Events(vec!["CreatingGroupSnapshot", "GroupSnapshotCreated", "GroupSnapshotReady"]),
+            // A member cannot be deleted on its own while the group exists.
+            Delete("volumesnapshots", "app", vs_db.clone()),
+            Rounds(3),
+            ErrorLike("delete the group snapshot instead"),
+            Expect("volumesnapshots", "app", vs_db.clone(), Some(json!({"metadata": {"finalizers": [FIN_SNAPSHOT_IN_GROUP, FIN_SNAPSHOT_AS_SOURCE, FIN_SNAPSHOT_BOUND]}}))),
+            Delete("volumegroupsnapshots", "app", "shop".into()),
+            Rounds(15),
+            Expect("volumegroupsnapshots", "app", "shop".into(), None),
+            Expect("volumegroupsnapshotcontents", "", group_content_name("vgs-uid-1"), None),
+            Expect("volumesnapshots", "app", vs_db, None),
+            Expect("volumesnapshotcontents", "", vsc_db, None),
+            Expect("volumesnapshotcontents", "", vsc_log, None),
+            // §D.12: one group create, one group delete, never a per-member Create/DeleteSnapshot.
+            Calls(vec![
+                format!("CreateVolumeGroupSnapshot {gname} node1/vol-db,node1/vol-log"),
+                format!("DeleteVolumeGroupSnapshot group:{gname} node1/vol-db:{gname},node1/vol-log:{gname}"),
+            ]),
+        ],
+    )
+    .await;
+    assert!(driver.state.lock().groups.is_empty());
+}
