@@ -744,6 +744,9 @@ impl ControllerService {
         let Some(o) = ids::required("volume_id", Kind::Volume, &r.volume_id)? else {
             return Ok(());
         };
+        if !self.agents.knows(&o.node) {
+            return Ok(());
+        }
         let _held = self.guard([vol_key(&r.volume_id)])?;
         let Some(v) = self.csi_volume_of(&o).await? else {
             return Ok(());
@@ -902,6 +905,9 @@ impl ControllerService {
         let Some(o) = ids::required("snapshot_id", Kind::Snapshot, &r.snapshot_id)? else {
             return Ok(());
         };
+        if !self.agents.knows(&o.node) {
+            return Ok(());
+        }
         let _held = self.guard([format!("snapshot {}", r.snapshot_id)])?;
         let Some(m) = self.snapshot_mapping_of(&o).await? else {
             return Ok(());

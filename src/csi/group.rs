@@ -328,7 +328,8 @@ impl ControllerService {
         for node in nodes {
             let mut c = self.client(node)?;
             let (node, g) = (node.clone(), gname.to_string());
-            let ms = timeout.as_millis().clamp(1, 60_000) as u32;
+            // Each agent holds long enough for the slowest freeze plus the commits.
+            let ms = (2 * timeout.as_millis()).clamp(1, 60_000) as u32;
             tasks.spawn(async move {
                 let r = c
                     .freeze_group(pb::FreezeGroupRequest {
