@@ -5,6 +5,7 @@
 //! - [`crd`]: FlashCopyMapping / FlashCopyConsistencyGroup, generated from Rust types.
 //! - [`names`]: finalizers, annotations, generated names, backoff, class parameters.
 //! - [`driver`]: the CSI calls as a trait; errors carry the gRPC code (final vs non-final).
+//! - [`csi_client`]: that trait over our CSI controller's socket.
 //! - [`snapshot`]: VolumeSnapshot (controller role) and VolumeSnapshotContent (sidecar role).
 //! - [`group`]: the same for VolumeGroupSnapshot / VolumeGroupSnapshotContent.
 //!
@@ -13,6 +14,7 @@
 
 pub mod api;
 pub mod crd;
+pub mod csi_client;
 pub mod driver;
 pub mod group;
 pub mod names;
