@@ -40,6 +40,9 @@ pub enum Command {
     /// FlashCopy administration over the agent API, with IBM verbs (mkfcmap, lsfcmap,
     /// startfcconsistgrp, ...).
     Fc(crate::fc::Args),
+    /// Run the snapshot controller: VolumeSnapshot(Content) and VolumeGroupSnapshot(Content)
+    /// over our CSI controller socket, leader-elected.
+    SnapshotController(crate::k8s::run::Config),
     /// Print our CustomResourceDefinitions (FlashCopyMapping, FlashCopyConsistencyGroup) as YAML.
     Crd,
 }

@@ -8,7 +8,10 @@ use tracing_subscriber::EnvFilter;
 fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     // The agent is a daemon: its default log level tells what it does.
-    let level = if matches!(cli.command, Command::Agent(_)) {
+    let level = if matches!(
+        cli.command,
+        Command::Agent(_) | Command::SnapshotController(_)
+    ) {
         "info"
     } else {
         "warn"
@@ -26,6 +29,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Ls { data_dir, output } => flashcopy_csi::demo::ls(&data_dir, output)?,
         Command::Agent(cfg) => flashcopy_csi::agent::main(cfg)?,
         Command::Fc(args) => return Ok(flashcopy_csi::fc::main(args)),
+        Command::SnapshotController(cfg) => flashcopy_csi::k8s::run::main(cfg)?,
         Command::Crd => print!("{}", flashcopy_csi::k8s::crd::crd_yaml()?),
     }
     Ok(ExitCode::SUCCESS)

@@ -8,6 +8,7 @@
 //! - [`csi_client`]: that trait over our CSI controller's socket.
 //! - [`snapshot`]: VolumeSnapshot (controller role) and VolumeSnapshotContent (sidecar role).
 //! - [`group`]: the same for VolumeGroupSnapshot / VolumeGroupSnapshotContent.
+//! - [`run`]: the `snapshot-controller` process (Controllers, Lease, /metrics, /healthz).
 //!
 //! Reconcilers read objects fresh from the API server and write with the resourceVersion they
 //! read, so a stale cache can only cost a conflict and a retry, never a wrong write.
@@ -18,6 +19,7 @@ pub mod csi_client;
 pub mod driver;
 pub mod group;
 pub mod names;
+pub mod run;
 pub mod snapshot;
 
 use driver::{DriverError, Secrets, SnapshotDriver};
