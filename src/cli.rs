@@ -47,6 +47,9 @@ pub enum Command {
     /// the agent API on DIR/agent.sock, NBD on DIR/nbd.sock; runs until SIGTERM (`--demo`:
     /// walks through snapshots over its own CSI socket, then stops).
     Standalone(crate::standalone::Config),
+    /// Run the snapshot controller: VolumeSnapshot(Content) and VolumeGroupSnapshot(Content)
+    /// over our CSI controller socket, leader-elected.
+    SnapshotController(crate::k8s::run::Config),
     /// Print our CustomResourceDefinitions (FlashCopyMapping, FlashCopyConsistencyGroup) as YAML.
     Crd,
 }

@@ -10,7 +10,10 @@ fn main() -> anyhow::Result<ExitCode> {
     // The agent is a daemon: its default log level tells what it does.
     let level = if matches!(
         cli.command,
-        Command::Agent(_) | Command::Csi(_) | Command::Standalone(_)
+        Command::Agent(_)
+            | Command::Csi(_)
+            | Command::Standalone(_)
+            | Command::SnapshotController(_)
     ) {
         "info"
     } else {
@@ -32,6 +35,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Csi(CsiCommand::Controller(cfg)) => flashcopy_csi::csi::controller_main(cfg)?,
         Command::Csi(CsiCommand::Node(cfg)) => flashcopy_csi::csi::node::node_main(cfg)?,
         Command::Standalone(cfg) => flashcopy_csi::standalone::main(cfg)?,
+        Command::SnapshotController(cfg) => flashcopy_csi::k8s::run::main(cfg)?,
         Command::Crd => print!("{}", flashcopy_csi::k8s::crd::crd_yaml()?),
     }
     Ok(ExitCode::SUCCESS)

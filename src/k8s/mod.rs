@@ -5,17 +5,21 @@
 //! - [`crd`]: FlashCopyMapping / FlashCopyConsistencyGroup, generated from Rust types.
 //! - [`names`]: finalizers, annotations, generated names, backoff, class parameters.
 //! - [`driver`]: the CSI calls as a trait; errors carry the gRPC code (final vs non-final).
+//! - [`csi_client`]: that trait over our CSI controller's socket.
 //! - [`snapshot`]: VolumeSnapshot (controller role) and VolumeSnapshotContent (sidecar role).
 //! - [`group`]: the same for VolumeGroupSnapshot / VolumeGroupSnapshotContent.
+//! - [`run`]: the `snapshot-controller` process (Controllers, Lease, /metrics, /healthz).
 //!
 //! Reconcilers read objects fresh from the API server and write with the resourceVersion they
 //! read, so a stale cache can only cost a conflict and a retry, never a wrong write.
 
 pub mod api;
 pub mod crd;
+pub mod csi_client;
 pub mod driver;
 pub mod group;
 pub mod names;
+pub mod run;
 pub mod snapshot;
 
 use driver::{DriverError, Secrets, SnapshotDriver};
