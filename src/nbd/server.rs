@@ -294,7 +294,10 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            workers: 4,
+            // As many as a client's usual queue depth: slow writes (first writes after a
+            // snapshot, each waiting for a sync) then share commit rounds instead of queueing
+            // behind four. Idle workers only sleep; small fast requests never reach them.
+            workers: 16,
             max_in_flight_bytes: 64 << 20,
             max_in_flight_requests: 512,
             inline_max_len: 64 << 10,
