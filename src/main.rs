@@ -12,7 +12,7 @@ fn main() -> anyhow::Result<ExitCode> {
         cli.command,
         Command::Agent(_)
             | Command::Csi(_)
-            | Command::Standalone(_)
+            | Command::Standalone(flashcopy_csi::standalone::Config { demo: false, .. })
             | Command::SnapshotController(_)
     ) {
         "info"

@@ -552,8 +552,6 @@ async fn controller_expand_volume() {
         ),
         Code::InvalidArgument
     );
-    // Also with a snapshot in place.
-    c.snapshot("expand-snap", &v.volume_id).await;
     let r = c
         .ctl
         .controller_expand_volume(csi::ControllerExpandVolumeRequest {
@@ -849,7 +847,13 @@ async fn lifecycle(block: bool) {
     }
     let s = Standalone::start();
     let mut c = s.clients().await;
-    let mode = Mode::SingleNodeWriter;
+    // Filesystem mode runs as SINGLE_NODE_SINGLE_WRITER, which csi-sanity checks when the node
+    // advertises SINGLE_NODE_MULTI_WRITER (we do).
+    let mode = if block {
+        Mode::SingleNodeWriter
+    } else {
+        Mode::SingleNodeSingleWriter
+    };
     let cap = if block {
         block_cap(mode)
     } else {
@@ -940,7 +944,6 @@ async fn lifecycle(block: bool) {
             Code::NotFound
         );
         // A second single-writer publish elsewhere: FAILED_PRECONDITION (SINGLE_NODE_MULTI_WRITER rules).
-        let swriter = mount_cap(Mode::SingleNodeSingleWriter);
         let other = s.path("other_target");
         let r = c
             .node
@@ -948,11 +951,15 @@ async fn lifecycle(block: bool) {
                 volume_id: v.volume_id.clone(),
                 staging_target_path: staging.display().to_string(),
                 target_path: other.display().to_string(),
-                volume_capability: Some(swriter),
+                volume_capability: Some(cap.clone()),
                 ..Default::default()
             })
             .await;
-        assert!(r.is_err(), "a single-writer volume published twice");
+        assert_eq!(
+            code(r),
+            Code::FailedPrecondition,
+            "a single-writer volume published twice"
+        );
         // Node expansion after publish (the controller grew the volume before staging).
         c.node
             .node_expand_volume(csi::NodeExpandVolumeRequest {

@@ -383,7 +383,12 @@ pub fn check_capabilities(caps: &[csi::VolumeCapability]) -> Result<Option<Strin
             return Err(CsiError::Missing("volume_capability.access_mode"));
         };
         match Mode::try_from(am.mode) {
-            Ok(Mode::SingleNodeWriter | Mode::SingleNodeReaderOnly) => {}
+            Ok(
+                Mode::SingleNodeWriter
+                | Mode::SingleNodeReaderOnly
+                | Mode::SingleNodeSingleWriter
+                | Mode::SingleNodeMultiWriter,
+            ) => {}
             Ok(Mode::Unknown) | Err(_) => {
                 return Err(CsiError::Invalid(format!(
                     "access mode {} is not a known mode",
@@ -1151,6 +1156,7 @@ impl Controller for ControllerService {
                 T::GetVolume,
                 T::VolumeCondition,
                 T::GetSnapshot,
+                T::SingleNodeMultiWriter,
             ]
             .into_iter()
             .map(rpc)

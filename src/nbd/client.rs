@@ -49,8 +49,7 @@ impl Client {
             return Err(bad("the server does not speak fixed newstyle"));
         }
         let no_zeroes = server_flags & FLAG_NO_ZEROES != 0;
-        let client_flags =
-            FLAG_C_FIXED_NEWSTYLE | if no_zeroes { FLAG_C_NO_ZEROES } else { 0 };
+        let client_flags = FLAG_C_FIXED_NEWSTYLE | if no_zeroes { FLAG_C_NO_ZEROES } else { 0 };
         s.write_all(&client_flags.to_be_bytes())?;
         // NBD_OPT_GO: name length, name, no information requests.
         let mut opt = Vec::with_capacity(export.len() + 6);
@@ -112,7 +111,14 @@ impl Client {
         self.flags
     }
 
-    fn request(&mut self, cmd: u16, flags: u16, offset: u64, len: u32, data: &[u8]) -> io::Result<()> {
+    fn request(
+        &mut self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> io::Result<()> {
         self.handle += 1;
         let mut req = Vec::with_capacity(REQUEST_LEN + data.len());
         req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());

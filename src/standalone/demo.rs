@@ -101,7 +101,10 @@ fn cap() -> csi::VolumeCapability {
     }
 }
 
-fn create(name: &str, source: Option<csi::volume_content_source::Type>) -> csi::CreateVolumeRequest {
+fn create(
+    name: &str,
+    source: Option<csi::volume_content_source::Type>,
+) -> csi::CreateVolumeRequest {
     csi::CreateVolumeRequest {
         name: name.into(),
         capacity_range: Some(csi::CapacityRange {
@@ -159,7 +162,10 @@ pub async fn run(csi_sock: &Path, nbd_sock: &Path) -> Result<(), String> {
     }
     let (log, data) = (ids[0].clone(), ids[1].clone());
 
-    println!("2. Write v1 to both over NBD ({}), flush", nbd_sock.display());
+    println!(
+        "2. Write v1 to both over NBD ({}), flush",
+        nbd_sock.display()
+    );
     write_version(&nbd_sock, "log", &log, 1).await?;
     write_version(&nbd_sock, "data", &data, 1).await?;
 

@@ -116,7 +116,9 @@ pub fn main(cfg: Config) -> Result<(), Error> {
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
     let node = cfg.node();
     if !csi::ids::valid_node(&node) {
-        return Err(Error::Node(format!("--node-id {node:?} is not a valid node name")));
+        return Err(Error::Node(format!(
+            "--node-id {node:?} is not a valid node name"
+        )));
     }
     let agent_cfg = agent::Config::new(&cfg.data_dir);
     let agent_sock = agent_cfg.agent_socket();
@@ -161,8 +163,8 @@ async fn serve_csi(
     agent_url: &str,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    let agents = Agents::new(vec![(node.to_string(), agent_url.to_string())], None)
-        .map_err(Error::Node)?;
+    let agents =
+        Agents::new(vec![(node.to_string(), agent_url.to_string())], None).map_err(Error::Node)?;
     let controller = ControllerService::new(agents, Duration::from_secs(5));
     let csi_sock = cfg.csi_socket();
     let node_svc = NodeConfig {
@@ -174,7 +176,10 @@ async fn serve_csi(
     .service()?;
     let listener = csi::bind_unix(&csi_sock)?;
     println!("flashcopy-csi standalone, node {node}");
-    println!("  CSI (Identity, Controller, GroupController, Node): unix://{}", csi_sock.display());
+    println!(
+        "  CSI (Identity, Controller, GroupController, Node): unix://{}",
+        csi_sock.display()
+    );
     println!("  agent API:  {agent_url}   (flashcopy-csi fc --agent {agent_url} lsfcmap)");
     println!(
         "  NBD:        unix://{}   (export = volume id)",

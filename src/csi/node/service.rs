@@ -39,6 +39,8 @@ enum Access {
 struct Cap {
     access: Access,
     read_only: bool,
+    /// SINGLE_NODE_SINGLE_WRITER: one published target at a time.
+    single_writer: bool,
 }
 
 fn capability(cap: Option<&csi::VolumeCapability>) -> Result<Cap, CsiError> {
@@ -75,7 +77,11 @@ fn capability(cap: Option<&csi::VolumeCapability>) -> Result<Cap, CsiError> {
             }
         }
     };
-    Ok(Cap { access, read_only })
+    Ok(Cap {
+        access,
+        read_only,
+        single_writer: mode == Mode::SingleNodeSingleWriter,
+    })
 }
 
 fn required<'a>(field: &'static str, v: &'a str) -> Result<&'a str, CsiError> {
@@ -243,6 +249,12 @@ fn stage(
     Ok(())
 }
 
+fn single_writer_busy(volume: &str) -> CsiError {
+    CsiError::FailedPrecondition(format!(
+        "{volume} is SINGLE_NODE_SINGLE_WRITER and already published at another target path"
+    ))
+}
+
 fn publish(
     attacher: &dyn Attacher,
     volume: &str,
@@ -281,6 +293,16 @@ fn publish(
                     )));
                 }
                 return Ok(());
+            }
+            if cap.single_writer {
+                let staging_real = mount::resolve(staging);
+                let elsewhere = mount::mounts_of(&dev)
+                    .map_err(node_err)?
+                    .into_iter()
+                    .any(|m| m.mount_point != staging_real);
+                if elsewhere {
+                    return Err(single_writer_busy(volume));
+                }
             }
             std::fs::create_dir_all(target).map_err(io("creating"))?;
             mount::bind(staging, target, read_only, &[]).map_err(node_err)?;
@@ -337,9 +359,9 @@ impl Node for NodeService {
         req: Request<csi::NodeStageVolumeRequest>,
     ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
         let r = req.into_inner();
-        let id = self.agent_id(&r.volume_id)?;
         let staging = PathBuf::from(required("staging_target_path", &r.staging_target_path)?);
         let cap = capability(r.volume_capability.as_ref())?;
+        let id = self.agent_id(&r.volume_id)?;
         let _held = self.guard(&r.volume_id)?;
         let export = self.export(id).await?;
         let (att, vol) = (self.attacher.clone(), r.volume_id.clone());
@@ -352,8 +374,8 @@ impl Node for NodeService {
         req: Request<csi::NodeUnstageVolumeRequest>,
     ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
         let r = req.into_inner();
-        let _ = self.agent_id(&r.volume_id)?;
         let staging = PathBuf::from(required("staging_target_path", &r.staging_target_path)?);
+        let _ = self.agent_id(&r.volume_id)?;
         let _held = self.guard(&r.volume_id)?;
         let (att, vol) = (self.attacher.clone(), r.volume_id.clone());
         blocking(move || {
@@ -371,10 +393,10 @@ impl Node for NodeService {
         req: Request<csi::NodePublishVolumeRequest>,
     ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
         let r = req.into_inner();
-        let _ = self.agent_id(&r.volume_id)?;
         let staging = PathBuf::from(required("staging_target_path", &r.staging_target_path)?);
         let target = PathBuf::from(required("target_path", &r.target_path)?);
         let cap = capability(r.volume_capability.as_ref())?;
+        let _ = self.agent_id(&r.volume_id)?;
         let read_only = r.readonly || cap.read_only;
         let _held = self.guard(&r.volume_id)?;
         let (att, vol) = (self.attacher.clone(), r.volume_id.clone());
@@ -387,8 +409,8 @@ impl Node for NodeService {
         req: Request<csi::NodeUnpublishVolumeRequest>,
     ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
         let r = req.into_inner();
-        let _ = self.agent_id(&r.volume_id)?;
         let target = PathBuf::from(required("target_path", &r.target_path)?);
+        let _ = self.agent_id(&r.volume_id)?;
         let _held = self.guard(&r.volume_id)?;
         let vol = r.volume_id.clone();
         blocking(move || {
@@ -406,8 +428,8 @@ impl Node for NodeService {
         req: Request<csi::NodeGetVolumeStatsRequest>,
     ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
         let r = req.into_inner();
-        let id = self.agent_id(&r.volume_id)?;
         let path = PathBuf::from(required("volume_path", &r.volume_path)?);
+        let id = self.agent_id(&r.volume_id)?;
         let _held = self.guard(&r.volume_id)?;
         let agent_state = match self.volume(id).await {
             Ok(v) if v.offline_reason.is_empty() => None,
@@ -475,8 +497,8 @@ impl Node for NodeService {
         req: Request<csi::NodeExpandVolumeRequest>,
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
         let r = req.into_inner();
-        let _ = self.agent_id(&r.volume_id)?;
         let path = PathBuf::from(required("volume_path", &r.volume_path)?);
+        let _ = self.agent_id(&r.volume_id)?;
         if let Some(c) = &r.volume_capability {
             capability(Some(c))?;
         }
