@@ -501,6 +501,16 @@ async fn bench_snapshots(stack: &Stack, cfg: &Cfg) -> Result<()> {
             }
         }
     }
+    // Does a call get slower as snapshots of the source pile up?
+    let tenth = (cfg.snapshots / 10).max(1);
+    let first_last = |v: &[Duration]| {
+        (
+            Dist::new(v[..tenth].to_vec()).pct(50.0),
+            Dist::new(v[v.len() - tenth..].to_vec()).pct(50.0),
+        )
+    };
+    let (s0, s1) = first_last(&t_small);
+    let (b0, b1) = first_last(&t_big);
     let (ds, db, dc) = (Dist::new(t_small), Dist::new(t_big), Dist::new(copies));
     println!();
     println!(
@@ -515,6 +525,13 @@ async fn bench_snapshots(stack: &Stack, cfg: &Cfg) -> Result<()> {
     println!(
         "1 TiB / 1 GiB p99 ratio: {ratio:.2} (target <= 1.5); 1 GiB full copy / snapshot p99: {:.0}x",
         dc.pct(50.0).as_secs_f64() / ds.pct(99.0).as_secs_f64().max(1e-9)
+    );
+    println!(
+        "p50 of the first / last {tenth} calls: 1 GiB {} / {} ms, 1 TiB {} / {} ms",
+        ms(s0),
+        ms(s1),
+        ms(b0),
+        ms(b1)
     );
     Ok(())
 }
