@@ -656,7 +656,10 @@ fn kill_during_writes_and_snapshots() {
             // target holds the image on its own, and it still must be the point in time.
             let copied = state(m) == "idle_or_copied" && start.is_some_and(|s| s.ok);
             if state(m) == "copying" || copied {
-                assert!(!copied || m["progress"] == 100, "{map} is idle but not copied: {m}");
+                assert!(
+                    !copied || m["progress"] == 100,
+                    "{map} is idle but not copied: {m}"
+                );
                 // (The target of a prepared mapping is offline, so read only now.)
                 let target = agent.read(export);
                 let window = &start
