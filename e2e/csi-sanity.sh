@@ -15,7 +15,7 @@ if ! command -v csi-sanity >/dev/null; then
 fi
 
 cargo build --release --quiet
-bin=target/release/flashcopy-csi
+bin="${CARGO_TARGET_DIR:-target}/release/flashcopy-csi"
 work=$(mktemp -d /tmp/flashcopy-sanity.XXXXXX)
 cleanup() {
   [ -n "${pid:-}" ] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
