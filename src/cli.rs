@@ -50,6 +50,9 @@ pub enum Command {
     /// Run the snapshot controller: VolumeSnapshot(Content) and VolumeGroupSnapshot(Content)
     /// over our CSI controller socket, leader-elected.
     SnapshotController(crate::k8s::run::Config),
+    /// Mirror a node agent's mappings and consistency groups into FlashCopyMapping /
+    /// FlashCopyConsistencyGroup objects (`kubectl get fcmap`), until SIGTERM.
+    KubeSync(crate::k8s::sync::SyncConfig),
     /// Print our CustomResourceDefinitions (FlashCopyMapping, FlashCopyConsistencyGroup) as YAML.
     Crd,
 }

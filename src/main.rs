@@ -14,6 +14,7 @@ fn main() -> anyhow::Result<ExitCode> {
             | Command::Csi(_)
             | Command::Standalone(flashcopy_csi::standalone::Config { demo: false, .. })
             | Command::SnapshotController(_)
+            | Command::KubeSync(_)
     ) {
         "info"
     } else {
@@ -36,6 +37,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Csi(CsiCommand::Node(cfg)) => flashcopy_csi::csi::node::node_main(cfg)?,
         Command::Standalone(cfg) => flashcopy_csi::standalone::main(cfg)?,
         Command::SnapshotController(cfg) => flashcopy_csi::k8s::run::main(cfg)?,
+        Command::KubeSync(cfg) => flashcopy_csi::k8s::sync::main(cfg)?,
         Command::Crd => print!("{}", flashcopy_csi::k8s::crd::crd_yaml()?),
     }
     Ok(ExitCode::SUCCESS)

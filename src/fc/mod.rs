@@ -549,7 +549,11 @@ async fn run(args: Args) -> Result<(), FcError> {
             .await
             .map_err(|e| {
                 hint(e, Code::FailedPrecondition, || {
-                    format!("stop it first (stopfcmap {mapping}), or delete with --force")
+                    if force {
+                        format!("stop it first (stopfcmap {mapping})")
+                    } else {
+                        format!("stop it first (stopfcmap {mapping}), or delete with --force")
+                    }
                 })
             })?;
             if json {

@@ -16,11 +16,12 @@ use serde::{Deserialize, Serialize};
     version = "v1alpha1",
     kind = "FlashCopyMapping",
     shortname = "fcmap",
+    category = "flashcopy",
     status = "FlashCopyMappingStatus",
     doc = "A FlashCopy mapping of a node agent (read-only mirror written by kube-sync).",
-    printcolumn(name = "ID", type_ = "string", json_path = ".status.id"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".spec.node"),
+    printcolumn(name = "ID", type_ = "integer", json_path = ".spec.id"),
     printcolumn(name = "Name", type_ = "string", json_path = ".status.name"),
-    printcolumn(name = "Node", type_ = "string", json_path = ".status.node"),
     printcolumn(name = "Source", type_ = "string", json_path = ".status.source"),
     printcolumn(name = "Target", type_ = "string", json_path = ".status.target"),
     printcolumn(name = "Group", type_ = "string", json_path = ".status.group"),
@@ -51,26 +52,22 @@ use serde::{Deserialize, Serialize};
         json_path = ".status.autodelete",
         priority = 1
     ),
-    printcolumn(name = "StartTime", type_ = "string", json_path = ".status.startTime")
+    printcolumn(name = "StartTime", type_ = "date", json_path = ".status.startTime")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FlashCopyMappingSpec {
     /// The node whose agent holds the mapping.
     pub node: String,
     /// The mapping's id on that agent.
-    pub id: String,
+    pub id: u64,
 }
 
 /// What the agent reports about a mapping (`lsfcmap` fields).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FlashCopyMappingStatus {
-    /// Mapping id on the agent.
-    pub id: String,
-    /// Mapping name.
+    /// Mapping name (fcmap<id> by default).
     pub name: String,
-    /// Node of the agent.
-    pub node: String,
     /// Source volume name.
     pub source: String,
     /// Target volume name.
@@ -78,8 +75,8 @@ pub struct FlashCopyMappingStatus {
     /// Consistency group name, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
-    /// idle_or_copied, preparing, prepared, copying, stopping, stopped, suspended.
-    pub state: String,
+    /// FlashCopy mapping state.
+    pub state: MappingState,
     /// Background copy progress, percent.
     pub progress: u8,
     /// Background copy rate, 0–150 (0 = snapshot, no background copy).
@@ -94,8 +91,46 @@ pub struct FlashCopyMappingStatus {
     pub autodelete: bool,
     /// When the mapping was last started (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<DateTime>")]
     pub start_time: Option<String>,
 }
+
+/// FlashCopy mapping states, as `lsfcmap` prints them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(missing_docs)]
+pub enum MappingState {
+    #[default]
+    IdleOrCopied,
+    Preparing,
+    Prepared,
+    Copying,
+    Stopping,
+    Stopped,
+    Suspended,
+}
+
+/// Consistency group states: the mapping states plus `empty`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(missing_docs)]
+pub enum GroupState {
+    #[default]
+    Empty,
+    IdleOrCopied,
+    Preparing,
+    Prepared,
+    Copying,
+    Stopping,
+    Stopped,
+    Suspended,
+}
+
+/// An RFC 3339 time in the schema (`format: date-time`), a plain string in Rust.
+#[derive(JsonSchema)]
+#[schemars(transparent)]
+#[allow(dead_code)]
+struct DateTime(#[schemars(with = "String", extend("format" = "date-time"))] String);
 
 /// Which agent object a FlashCopyConsistencyGroup mirrors.
 // Printer columns repeat `type_` and friends by design; clippy reads them as duplicates.
@@ -106,31 +141,47 @@ pub struct FlashCopyMappingStatus {
     version = "v1alpha1",
     kind = "FlashCopyConsistencyGroup",
     shortname = "fcconsistgrp",
+    category = "flashcopy",
     status = "FlashCopyConsistencyGroupStatus",
     doc = "A FlashCopy consistency group of a node agent (read-only mirror written by kube-sync).",
-    printcolumn(name = "Node", type_ = "string", json_path = ".status.node"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".spec.node"),
+    printcolumn(name = "ID", type_ = "integer", json_path = ".spec.id"),
+    printcolumn(name = "Name", type_ = "string", json_path = ".status.name"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
-    printcolumn(name = "Mappings", type_ = "string", json_path = ".status.mappings")
+    printcolumn(name = "Mappings", type_ = "string", json_path = ".status.mappings"),
+    printcolumn(
+        name = "Autodelete",
+        type_ = "boolean",
+        json_path = ".status.autodelete",
+        priority = 1
+    ),
+    printcolumn(name = "StartTime", type_ = "date", json_path = ".status.startTime")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FlashCopyConsistencyGroupSpec {
     /// The node whose agent holds the group.
     pub node: String,
     /// The group's id on that agent.
-    pub id: String,
+    pub id: u64,
 }
 
 /// What the agent reports about a consistency group (`lsfcconsistgrp` fields).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FlashCopyConsistencyGroupStatus {
-    /// Node of the agent.
-    pub node: String,
-    /// The group state (same states as a mapping, plus empty).
-    pub state: String,
+    /// The group's name (fccstgrp<id> by default).
+    pub name: String,
+    /// FlashCopy consistency group state.
+    pub state: GroupState,
     /// Names of the member mappings.
     #[serde(default)]
     pub mappings: Vec<String>,
+    /// The group is deleted when its last mapping leaves.
+    pub autodelete: bool,
+    /// Latest start time of the members (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<DateTime>")]
+    pub start_time: Option<String>,
 }
 
 /// Both CRDs as one multi-document YAML stream.
@@ -165,7 +216,8 @@ mod tests {
             .iter()
             .map(|c| (c.name.as_str(), c.json_path.as_str()))
             .collect();
-        assert_eq!(cols[0], ("ID", ".status.id"));
+        assert_eq!(cols[0], ("Node", ".spec.node"));
+        assert_eq!(cols[1], ("ID", ".spec.id"));
         assert!(cols.contains(&("CopyRate", ".status.copyRate")));
         assert!(cols.contains(&("Grain", ".status.grainSize")));
         assert!(cols.contains(&("StartTime", ".status.startTime")));

@@ -9,6 +9,7 @@
 //! - [`snapshot`]: VolumeSnapshot (controller role) and VolumeSnapshotContent (sidecar role).
 //! - [`group`]: the same for VolumeGroupSnapshot / VolumeGroupSnapshotContent.
 //! - [`run`]: the `snapshot-controller` process (Controllers, Lease, /metrics, /healthz).
+//! - [`sync`]: the `kube-sync` process, mirroring a node agent into our CRDs.
 //!
 //! Reconcilers read objects fresh from the API server and write with the resourceVersion they
 //! read, so a stale cache can only cost a conflict and a retry, never a wrong write.
@@ -21,6 +22,7 @@ pub mod group;
 pub mod names;
 pub mod run;
 pub mod snapshot;
+pub mod sync;
 
 use driver::{DriverError, Secrets, SnapshotDriver};
 use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolumeClaim, Secret};

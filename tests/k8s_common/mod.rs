@@ -200,6 +200,11 @@ impl ApiServer {
             .cloned()
     }
 
+    /// Every request served so far, as "VERB /path".
+    pub fn state_log(&self) -> Vec<String> {
+        self.state.lock().log.clone()
+    }
+
     /// All objects of a kind.
     pub fn list(&self, plural: &str) -> Vec<Value> {
         self.state
