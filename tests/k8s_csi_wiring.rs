@@ -240,7 +240,7 @@ async fn volume_snapshots_and_group_snapshots_become_agent_mappings() {
         assert!(
             members
                 .iter()
-                .any(|m| Value::from(m.snapshot_id.clone()) == i["snapshotHandle"]),
+                .any(|m| i["snapshotHandle"].as_str() == Some(m.snapshot_id.as_str())),
             "{i} is not an agent snapshot"
         );
     }
