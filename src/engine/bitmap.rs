@@ -75,9 +75,18 @@ impl Bitmap {
     pub fn count_ones(&self) -> u64 {
         self.0.count_ones() as u64
     }
-    /// True when every bit is set.
+    /// True when every bit is set. Word by word, stopping at the first clear bit: the copy
+    /// workers ask this of every rate-0 mapping, and bitvec's `all` visits every bit.
     pub fn all(&self) -> bool {
-        self.0.all()
+        let n = self.0.len();
+        let words = self.0.as_raw_slice();
+        let full = n / 64;
+        if !words[..full].iter().all(|w| *w == u64::MAX) {
+            return false;
+        }
+        // The last word's bits past the end (Lsb0: the high ones) are not ours.
+        let rest = n % 64;
+        rest == 0 || words[full] | (u64::MAX << rest) == u64::MAX
     }
     /// Replaces this bitmap with the complement of `other` (same length).
     pub fn assign_not(&mut self, other: &Bitmap) {
@@ -179,6 +188,26 @@ impl<'de> Deserialize<'de> for Bitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_checks_every_bit_and_only_ours() {
+        for len in [0u64, 1, 63, 64, 65, 127, 128, 200] {
+            let mut b = Bitmap::ones(len);
+            assert!(b.all(), "{len}");
+            for i in 0..len {
+                let mut c = b.clone();
+                c.0.set(i as usize, false);
+                assert!(!c.all(), "{len}: bit {i} clear");
+            }
+            // Bits past the end (set by word-wise ops) do not count.
+            if len % 64 != 0 {
+                b.fill(false);
+                b.or(&Bitmap::ones(len));
+                assert!(b.all(), "{len}");
+            }
+            assert_eq!(Bitmap::zeros(len).all(), len == 0);
+        }
+    }
 
     #[test]
     fn next_zero_wraps() {
