@@ -9,7 +9,8 @@ pub(crate) const CKPT_MAGIC: [u8; 8] = *b"FCCKPT\0\0";
 /// Magic inside the journal start marker.
 pub(crate) const JOURNAL_MAGIC: [u8; 8] = *b"FCJRNL\0\0";
 /// Format version of both files.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+// 2: bitmaps as runs of words.
+pub(crate) const FORMAT_VERSION: u32 = 2;
 
 /// Bytes of the checkpoint header.
 pub(crate) const CKPT_HEADER_LEN: u64 = 32;

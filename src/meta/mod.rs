@@ -4,13 +4,13 @@
 //! stores) make up the metadata: `checkpoint.a`, `checkpoint.b` and `journal`. Recovery
 //! ([`Journal::open`]) returns the newest checkpoint and every record appended after it.
 //!
-//! # Format (version 1, all integers little-endian)
+//! # Format (version 2, all integers little-endian)
 //!
 //! **Checkpoint slot** — the whole file is one checkpoint (bytes after the payload are ignored):
 //!
 //! ```text
 //! 0   magic        8  "FCCKPT\0\0"
-//! 8   version      4  1
+//! 8   version      4  2
 //! 12  crc32        4  over bytes 0..12, 16..32 and the payload
 //! 16  generation   8  >= 1; odd generations live in checkpoint.a, even ones in checkpoint.b
 //! 24  payload_len  8
