@@ -264,7 +264,7 @@ mod tests {
                 rng ^= rng >> 7;
                 rng ^= rng << 17;
                 // Stretches of set and clear bits, and some noise.
-                if (i / 700) % 2 == 1 || rng % 5 == 0 {
+                if (i / 700) % 2 == 1 || rng.is_multiple_of(5) {
                     b.set(i);
                 }
             }
