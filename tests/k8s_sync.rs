@@ -280,6 +280,28 @@ async fn the_loop_follows_events_and_an_agent_restart() {
         state_of(&server, "nightly").is_none()
     })
     .await;
+    // A new mapping changes no state, so only its creation event can bring its mirror (it
+    // takes the freed id of nightly). The syncs of the deletion's events end first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fc(
+        &a,
+        &[
+            "mkfcmap",
+            "--source",
+            "db",
+            "--target",
+            "snap",
+            "--copyrate",
+            "0",
+            "--name",
+            "weekly",
+        ],
+    )
+    .await;
+    eventually("weekly's mirror", || {
+        state_of(&server, "weekly") == Some(json!("idle_or_copied"))
+    })
+    .await;
     fc(&a, &["startfcconsistgrp", "--prep", "pg"]).await;
     eventually("the group copying", || {
         server

@@ -39,6 +39,16 @@ impl Published {
             Kind::MappingState(c) => self.maps.insert(c.mapping, Some(c.to)) != Some(Some(c.to)),
             Kind::MappingDeleted(d) => self.maps.insert(d.mapping, None) != Some(None),
             Kind::GroupDeleted(d) => self.deleted_groups.insert(d.group),
+            // A reused id starts afresh: its first state change and deletion are news.
+            Kind::Created(c) => {
+                if let Some(m) = c.mapping {
+                    self.maps.remove(&m);
+                }
+                if let Some(g) = c.group {
+                    self.deleted_groups.remove(&g);
+                }
+                true
+            }
             Kind::Started(_) | Kind::CopyFailed(_) => true,
         }
     }

@@ -319,6 +319,10 @@ impl Agent for AgentService {
                 convert::mapping_by_id(&pool.engine(), id)
             })
             .await?;
+        self.events.publish(pb::event::Kind::Created(pb::Created {
+            mapping: Some(m.id),
+            group: None,
+        }));
         ok(m)
     }
 
@@ -464,6 +468,10 @@ impl Agent for AgentService {
                 convert::group(&pool.engine(), id)
             })
             .await?;
+        self.events.publish(pb::event::Kind::Created(pb::Created {
+            mapping: None,
+            group: Some(g.id),
+        }));
         ok(g)
     }
 

@@ -406,6 +406,11 @@ pub fn event_line(e: &pb::Event) -> String {
             (None, None) => format!("started, I/O paused {} us", s.pause_micros),
         },
         Some(Kind::CopyFailed(f)) => format!("fcmap {} copy failed: {}", f.mapping, f.message),
+        Some(Kind::Created(c)) => match (c.mapping, c.group) {
+            (Some(m), _) => format!("fcmap {m} created"),
+            (None, Some(g)) => format!("fcconsistgrp {g} created"),
+            (None, None) => "created".into(),
+        },
         None => "unknown event".into(),
     };
     format!("{} {what}", e.seq)
@@ -425,6 +430,7 @@ pub fn event_json(e: &pb::Event) -> Value {
             "started",
             json!({"mapping": s.mapping, "group": s.group, "pause_micros": s.pause_micros}),
         ),
+        Some(Kind::Created(c)) => ("created", json!({"mapping": c.mapping, "group": c.group})),
         Some(Kind::CopyFailed(f)) => (
             "copy_failed",
             json!({"mapping": f.mapping, "message": f.message}),

@@ -7,7 +7,7 @@
 use super::crd::*;
 use crate::proto::agent::v1 as pb;
 use crate::proto::agent::v1::agent_client::AgentClient;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
@@ -332,6 +332,7 @@ pub async fn run_loop(client: Client, cfg: SyncConfig, shutdown: impl Future<Out
                         Some(Ok(_)) => {
                             // Events come in bursts (a group start): sync once for the burst.
                             tokio::time::sleep(Duration::from_millis(50)).await;
+                            while let Some(Some(Ok(_))) = events.next().now_or_never() {}
                             ok = sync_logged(&client, &mut agent, node).await;
                         }
                         Some(Err(e)) => {
