@@ -225,7 +225,7 @@ fn ready_snapshot_expectations() -> Vec<Step> {
                 "metadata": {"finalizers": [FIN_SNAPSHOT_AS_SOURCE, FIN_SNAPSHOT_BOUND]},
                 "spec": {"volumeSnapshotClassName": "fc"},
                 "status": {"boundVolumeSnapshotContentName": vsc1(), "readyToUse": true,
-                           "restoreSize": "1073741824", "creationTime": CTIME_RFC3339, "error": null},
+                           "restoreSize": "1Gi", "creationTime": CTIME_RFC3339, "error": null},
             })),
         ),
         // §D.1: once the snapshot is cut the claim is free to go.
@@ -922,7 +922,7 @@ async fn dynamic_group_snapshot_members_and_deletion() {
                     // The restore mapping: member -> claim.
                     "spec": {"source": {"persistentVolumeClaimName": "db"}},
                     "status": {"boundVolumeSnapshotContentName": vsc_db, "readyToUse": true,
-                               "volumeGroupSnapshotName": "shop", "restoreSize": "1073741824"},
+                               "volumeGroupSnapshotName": "shop", "restoreSize": "1Gi"},
                 })),
             ),
             Expect(

@@ -26,6 +26,7 @@ pub mod sync;
 
 use driver::{DriverError, Secrets, SnapshotDriver};
 use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolumeClaim, Secret};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -217,6 +218,23 @@ fn now_ns() -> i64 {
     Timestamp::now().as_nanosecond() as i64
 }
 
+/// A byte count spelled the way Kubernetes canonicalises `resource.NewQuantity(n, BinarySI)`,
+/// as upstream sets restoreSize: binary suffixes for whole multiples of 1024 ("8Mi"), and
+/// decimal ones below 1024 ("1k", "512").
+pub fn bytes_quantity(n: i64) -> Quantity {
+    let (base, suffixes): (i64, &[&str]) = if n.unsigned_abs() < 1024 {
+        (1000, &["", "k"])
+    } else {
+        (1024, &["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"])
+    };
+    let (mut m, mut i) = (n, 0);
+    while m != 0 && m % base == 0 && i + 1 < suffixes.len() {
+        m /= base;
+        i += 1;
+    }
+    Quantity(format!("{m}{}", suffixes[i]))
+}
+
 /// Sets or removes a finalizer with a merge patch guarded by the resourceVersion we read.
 /// Returns the updated object, or `None` when nothing had to change.
 async fn set_finalizers<K>(api: &Api<K>, obj: &K, changes: &[(&str, bool)]) -> Result<Option<K>>
@@ -344,4 +362,26 @@ async fn pending_restore_from(
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod quantity_tests {
+    use super::bytes_quantity;
+
+    #[test]
+    fn byte_counts_read_like_kubectl_prints_them() {
+        for (n, q) in [
+            (0, "0"),
+            (512, "512"),
+            (1000, "1k"),
+            (1024, "1Ki"),
+            (1536, "1536"),
+            (8 << 20, "8Mi"),
+            (1 << 30, "1Gi"),
+            (3 << 40, "3Ti"),
+            ((1 << 30) + 512, "1073742336"),
+        ] {
+            assert_eq!(bytes_quantity(n).0, q, "{n}");
+        }
+    }
 }

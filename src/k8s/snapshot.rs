@@ -7,11 +7,10 @@ use super::api::*;
 use super::driver::{SnapshotInfo, with_timeout};
 use super::names::*;
 use super::{
-    Ctx, Error, Result, now, now_ns, pending_restore_from, set_annotations, set_finalizers,
-    time_from_ns, write_status,
+    Ctx, Error, Result, bytes_quantity, now, now_ns, pending_restore_from, set_annotations,
+    set_finalizers, time_from_ns, write_status,
 };
 use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolume, PersistentVolumeClaim};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -175,7 +174,7 @@ pub fn snapshot_status(
         bound_volume_snapshot_content_name: Some(content.name_any()),
         creation_time: cs.creation_time.map(time_from_ns),
         ready_to_use: Some(ready),
-        restore_size: cs.restore_size.map(|b| Quantity(b.to_string())),
+        restore_size: cs.restore_size.map(bytes_quantity),
         // §D.7: the driver's error text reaches the VolumeSnapshot.
         error: if ready {
             None
