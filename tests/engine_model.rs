@@ -3,8 +3,8 @@
 //! reference model in which a start takes a full copy of the source.
 
 use flashcopy_csi::engine::{
-    Engine, EngineError, Event, GrainSize, GroupId, MapId, MapState, MappingChange, MappingSpec,
-    VolId,
+    Engine, EngineError, Event, GrainPlan, GrainSize, GroupId, MapId, MapState, MappingChange,
+    MappingSpec, VolId,
 };
 use flashcopy_csi::meta::MetaFiles;
 use flashcopy_csi::volume::{MemBackend, Pool, PoolConfig, Step, VolumeError};
@@ -475,6 +475,47 @@ impl World {
     }
 
     fn check(&self, c: &Cmd) {
+        // Every grain of every volume and mapping has a valid plan now, not only those the
+        // commands happened to reach: each copy reads its source before any earlier copy of
+        // the plan overwrites it (the planner also checks this itself in debug builds).
+        {
+            let e = self.pool.engine();
+            let valid = |what: &str, plan: &dyn Fn() -> Option<GrainPlan>| {
+                let plan = std::panic::catch_unwind(std::panic::AssertUnwindSafe(plan));
+                let ok = plan.as_ref().is_ok_and(|p| {
+                    p.as_ref().is_none_or(|p| {
+                        p.copies.iter().enumerate().all(|(i, c)| {
+                            c.from != c.to && p.copies[..i].iter().all(|d| d.to != c.from)
+                        })
+                    })
+                });
+                assert!(
+                    ok,
+                    "after {c:?}: invalid plan for {what}: {plan:?}\n{:#?}",
+                    e.mappings().collect::<Vec<_>>()
+                );
+            };
+            for &v in &self.vols {
+                let Some((_, gs)) = e.lock_domain(v) else {
+                    continue;
+                };
+                for g in 0..(VOL_SIZE as u64).div_ceil(gs.bytes()) {
+                    for whole in [false, true] {
+                        valid(&format!("a write to {v} grain {g}"), &|| {
+                            Some(e.plan_write(v, g, whole))
+                        });
+                    }
+                    for m in e.mappings_of(v).filter(|m| m.source == v) {
+                        valid(&format!("copying {} grain {g}", m.id), &|| {
+                            e.plan_background(m.id, g)
+                        });
+                        valid(&format!("cleaning {} grain {g}", m.id), &|| {
+                            e.plan_clean(m.id, g)
+                        });
+                    }
+                }
+            }
+        }
         let mut buf = vec![0u8; VOL_SIZE];
         for &v in &self.vols {
             match self.pool.read(v, 0, &mut buf) {

@@ -88,6 +88,18 @@ impl Bitmap {
         let rest = n % 64;
         rest == 0 || words[full] | (u64::MAX << rest) == u64::MAX
     }
+    /// True when no bit is set.
+    pub fn none(&self) -> bool {
+        let n = self.0.len();
+        let words = self.0.as_raw_slice();
+        let full = n / 64;
+        if words[..full].iter().any(|w| *w != 0) {
+            return false;
+        }
+        // As in `all`: the last word's bits past the end are not ours.
+        let rest = n % 64;
+        rest == 0 || words[full] & !(u64::MAX << rest) == 0
+    }
     /// Replaces this bitmap with the complement of `other` (same length).
     pub fn assign_not(&mut self, other: &Bitmap) {
         self.0.copy_from_bitslice(&other.0);
@@ -298,6 +310,23 @@ mod tests {
                 assert!(b.all(), "{len}");
             }
             assert_eq!(Bitmap::zeros(len).all(), len == 0);
+        }
+    }
+
+    #[test]
+    fn none_checks_every_bit_and_only_ours() {
+        for len in [0u64, 1, 63, 64, 65, 127, 128, 200] {
+            let mut b = Bitmap::zeros(len);
+            assert!(b.none(), "{len}");
+            for i in 0..len {
+                let mut c = b.clone();
+                c.set(i);
+                assert!(!c.none(), "{len}: bit {i} set");
+            }
+            // Bits past the end (set by word-wise ops) do not count.
+            b.or_not(&Bitmap::ones(len));
+            assert!(b.none(), "{len}");
+            assert_eq!(Bitmap::ones(len).none(), len == 0);
         }
     }
 
