@@ -989,6 +989,68 @@ fn group_snapshot_across_two_agents() {
     group_snapshot_on(&["n1", "n2"]);
 }
 
+/// Our snapshot controller adds the extra-create-metadata parameters (K8S-SNAPSHOTS.md §A.7)
+/// to every CreateSnapshot and CreateVolumeGroupSnapshot: the driver must take them (they are
+/// the sidecar's, not the class's), and a retry with them must still be the same snapshot.
+#[test]
+fn the_snapshot_controllers_extra_metadata_parameters_are_accepted() {
+    use flashcopy_csi::k8s::names::with_create_metadata;
+    let cl = Cluster::new(&["n1"]);
+    let mut ctl = cl.ctl();
+    let mut g = cl.grp();
+    let mut vols = Vec::new();
+    for n in ["pvc-a", "pvc-b"] {
+        vols.push(
+            cl.block_on(ctl.create_volume(vol_req(n, MIB, 0)))
+                .unwrap()
+                .into_inner()
+                .volume
+                .unwrap()
+                .volume_id,
+        );
+    }
+    let class = [("copyRate".to_string(), "0".to_string())].into();
+    let mut req = snap_req("snapshot-vs-uid-1", &vols[0]);
+    req.parameters = with_create_metadata(class, false, "app", "snap1", "snapcontent-vs-uid-1")
+        .into_iter()
+        .collect();
+    assert_eq!(req.parameters.len(), 4);
+    let s = cl
+        .block_on(ctl.create_snapshot(req.clone()))
+        .expect("CreateSnapshot with the controller's metadata")
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(s.ready_to_use);
+    assert_eq!(s.source_volume_id, vols[0]);
+    let again = cl
+        .block_on(ctl.create_snapshot(req))
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(again.snapshot_id, s.snapshot_id);
+
+    let mut greq = group_req("groupsnapshot-vgs-uid-1", &vols);
+    greq.parameters = with_create_metadata(
+        Default::default(),
+        true,
+        "app",
+        "shop",
+        "groupsnapcontent-vgs-uid-1",
+    )
+    .into_iter()
+    .collect();
+    let gs = cl
+        .block_on(g.create_volume_group_snapshot(greq))
+        .expect("CreateVolumeGroupSnapshot with the controller's metadata")
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert!(gs.ready_to_use);
+    assert_eq!(gs.snapshots.len(), 2);
+}
+
 #[test]
 fn a_group_freeze_past_its_timeout_aborts_and_leaves_nothing() {
     // A zero timeout: the freezes cannot all answer in time, so the controller aborts.

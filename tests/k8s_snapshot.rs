@@ -9,9 +9,11 @@ use flashcopy_csi::k8s::Ctx;
 use flashcopy_csi::k8s::api::*;
 use flashcopy_csi::k8s::group::{sync_group_content, sync_group_snapshot};
 use flashcopy_csi::k8s::names::*;
-use flashcopy_csi::k8s::snapshot::{sync_content, sync_snapshot};
+use flashcopy_csi::k8s::snapshot::{WAIT_CONTENT_GONE, sync_content, sync_snapshot};
 use k8s_common::*;
+use kube::runtime::controller::Action;
 use serde_json::{Value, json};
+use std::time::Duration;
 use tonic::Code;
 
 const BASE: &str = r#"
@@ -86,6 +88,10 @@ enum Step {
     Events(Vec<&'static str>),
     /// Expect a reconcile error containing this text since the last check.
     ErrorLike(&'static str),
+    /// Reconcile one object ("vs", "vsc", "vgs", "vgsc") once and expect this outcome.
+    Sync(&'static str, &'static str, String, Action),
+    /// One more round of every object must write nothing (no reconcile loop).
+    Quiet,
 }
 use Step::*;
 
@@ -168,6 +174,36 @@ async fn run_case(name: &str, objects: &str, driver: FakeDriver, steps: Vec<Step
                 for w in want {
                     assert!(got.iter().any(|g| g == w), "{at}: no {w} event in {got:?}");
                 }
+            }
+            Sync(kind, ns, obj, want) => {
+                let plural = match kind {
+                    "vs" => "volumesnapshots",
+                    "vsc" => "volumesnapshotcontents",
+                    "vgs" => "volumegroupsnapshots",
+                    _ => "volumegroupsnapshotcontents",
+                };
+                let v = server
+                    .get(plural, ns, &obj)
+                    .unwrap_or_else(|| panic!("{at}: {plural} {ns}/{obj} missing"));
+                let got = match kind {
+                    "vs" => sync_snapshot(&serde_json::from_value(v).unwrap(), &ctx).await,
+                    "vsc" => sync_content(&serde_json::from_value(v).unwrap(), &ctx).await,
+                    "vgs" => sync_group_snapshot(&serde_json::from_value(v).unwrap(), &ctx).await,
+                    _ => sync_group_content(&serde_json::from_value(v).unwrap(), &ctx).await,
+                };
+                match got {
+                    Ok(a) => assert_eq!(a, want, "{at}: {kind} {ns}/{obj}"),
+                    Err(e) => panic!("{at}: {kind} {ns}/{obj}: {e}"),
+                }
+            }
+            Quiet => {
+                let before = server.version();
+                round(&server, &ctx, &mut errors).await;
+                assert_eq!(
+                    server.version(),
+                    before,
+                    "{at}: a settled round wrote; errors {errors:#?}"
+                );
             }
             ErrorLike(text) => {
                 assert!(
@@ -255,11 +291,18 @@ async fn dynamic_snapshot_default_class_secrets_and_status() {
         st.secrets_seen[0].get("token").map(String::as_str),
         Some("s3cr3t")
     );
-    // Reserved keys never reach the driver.
-    assert_eq!(
-        st.params_seen[0],
-        [("copyRate".to_string(), "0".to_string())].into()
-    );
+    // The class's reserved keys never reach the driver; the extra-create-metadata ones do
+    // (§A.7, as upstream's sidecar with --extra-create-metadata).
+    let want: std::collections::BTreeMap<String, String> = [
+        ("copyRate", "0"),
+        (PARAM_SNAPSHOT_NAME, "snap1"),
+        (PARAM_SNAPSHOT_NAMESPACE, "app"),
+        (PARAM_CONTENT_NAME, "snapcontent-vs-uid-1"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(st.params_seen[0], want);
 }
 
 #[tokio::test]
@@ -959,5 +1002,321 @@ async fn dynamic_group_snapshot_members_and_deletion() {
         ],
     )
     .await;
-    assert!(driver.state.lock().groups.is_empty());
+    let st = driver.state.lock();
+    assert!(st.groups.is_empty());
+    // Extra create metadata of the group (§A.7); the class has no parameters of its own.
+    let want: std::collections::BTreeMap<String, String> = [
+        (PARAM_GROUP_SNAPSHOT_NAME, "shop"),
+        (PARAM_GROUP_SNAPSHOT_NAMESPACE, "app"),
+        (PARAM_GROUP_CONTENT_NAME, "groupsnapcontent-vgs-uid-1"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(st.params_seen, [want]);
+}
+
+/// §D.14, §A.1: the group kinds are spoken as `groupsnapshot.storage.k8s.io/v1` (GA), the
+/// single kinds as `snapshot.storage.k8s.io/v1`; objects we create carry those apiVersions.
+#[tokio::test]
+async fn pain14_api_versions_are_the_ga_ones() {
+    let (server, client) = ApiServer::start(&objects(&[PVC_LOG, VGS, SNAP1]));
+    let driver = FakeDriver::default();
+    let ctx = ctx(client, &driver);
+    let mut errors = Vec::new();
+    for _ in 0..12 {
+        round(&server, &ctx, &mut errors).await;
+    }
+    let log = server.state_log();
+    let mut seen = 0;
+    for line in &log {
+        let path = line.split(' ').nth(1).unwrap_or_default();
+        if path.contains("/groupsnapshot.storage.k8s.io/") {
+            assert!(
+                path.starts_with("/apis/groupsnapshot.storage.k8s.io/v1/"),
+                "{line}"
+            );
+            seen += 1;
+        }
+        if path.contains("/snapshot.storage.k8s.io/") {
+            assert!(
+                path.starts_with("/apis/snapshot.storage.k8s.io/v1/"),
+                "{line}"
+            );
+        }
+    }
+    assert!(seen > 0, "no group snapshot request in {log:#?}");
+    let vgsc = server
+        .get(
+            "volumegroupsnapshotcontents",
+            "",
+            &group_content_name("vgs-uid-1"),
+        )
+        .unwrap();
+    assert_eq!(vgsc["apiVersion"], "groupsnapshot.storage.k8s.io/v1");
+    assert_eq!(
+        vgsc["spec"]["volumeGroupSnapshotRef"]["apiVersion"],
+        "groupsnapshot.storage.k8s.io/v1"
+    );
+    let member = server
+        .get(
+            "volumesnapshots",
+            "app",
+            &member_snapshot_name("vgs-uid-1", "node1/vol-db"),
+        )
+        .unwrap();
+    assert_eq!(member["apiVersion"], "snapshot.storage.k8s.io/v1");
+    assert_eq!(
+        member["metadata"]["ownerReferences"][0]["apiVersion"],
+        "groupsnapshot.storage.k8s.io/v1"
+    );
+}
+
+/// §D.2 (issues 1258, 611, 880): the snapshot must not wait for a 15-minute resync when the
+/// event of its content going away is missed. Reconciles are driven one at a time, in the
+/// racy order, and the requeue each one asks for is checked.
+#[tokio::test]
+async fn pain2_bound_protection_does_not_wait_for_a_resync() {
+    let driver = FakeDriver::default();
+    run_case(
+        "pain2",
+        &objects(&[SNAP1]),
+        driver.clone(),
+        vec![
+            Rounds(10),
+            Delete("volumesnapshots", "app", "snap1".into()),
+            // The sidecar looks first: the content is not being deleted yet.
+            Sync("vsc", "", vsc1(), Action::requeue(RESYNC)),
+            // The controller marks and deletes the content; the storage is still there, so the
+            // snapshot keeps its bound-protection and asks to be looked at again soon.
+            Sync(
+                "vs",
+                "app",
+                "snap1".into(),
+                Action::requeue(WAIT_CONTENT_GONE),
+            ),
+            Expect(
+                "volumesnapshots",
+                "app",
+                "snap1".into(),
+                Some(json!({"metadata": {"finalizers": [FIN_SNAPSHOT_BOUND]}})),
+            ),
+            Expect(
+                "volumesnapshotcontents",
+                "",
+                vsc1(),
+                Some(
+                    json!({"metadata": {"annotations": {ANN_BEING_DELETED: "yes"},
+                                         "deletionTimestamp": "2026-11-22T12:00:00Z"}}),
+                ),
+            ),
+            // The sidecar deletes the storage and the content; no event reaches the snapshot.
+            Sync("vsc", "", vsc1(), Action::await_change()),
+            Expect("volumesnapshotcontents", "", vsc1(), None),
+            // The short requeue fires: the snapshot goes.
+            Sync("vs", "app", "snap1".into(), Action::await_change()),
+            Expect("volumesnapshots", "app", "snap1".into(), None),
+            Calls(vec![
+                "CreateSnapshot snapshot-vs-uid-1 node1/vol-db".into(),
+                format!("DeleteSnapshot {HANDLE1}"),
+            ]),
+        ],
+    )
+    .await;
+    assert!(WAIT_CONTENT_GONE <= Duration::from_secs(10));
+}
+
+/// §A.10 resync: every settled object is looked at again after 15 minutes (upstream's
+/// `--resync-period`), so nothing depends on a watch event alone.
+#[tokio::test]
+async fn settled_objects_resync_every_15_minutes() {
+    let vsc_db = member_content_name("vgs-uid-1", "node1/vol-db");
+    run_case(
+        "resync",
+        &objects(&[PVC_LOG, VGS, SNAP1]),
+        FakeDriver::default(),
+        vec![
+            Rounds(12),
+            Quiet,
+            Sync("vs", "app", "snap1".into(), Action::requeue(RESYNC)),
+            Sync("vsc", "", vsc1(), Action::requeue(RESYNC)),
+            Sync("vgs", "app", "shop".into(), Action::requeue(RESYNC)),
+            Sync(
+                "vgsc",
+                "",
+                group_content_name("vgs-uid-1"),
+                Action::requeue(RESYNC),
+            ),
+            Sync("vsc", "", vsc_db, Action::requeue(RESYNC)),
+        ],
+    )
+    .await;
+    assert_eq!(RESYNC, Duration::from_secs(900));
+}
+
+/// §A.3.7, §A.5: a snapshot the driver reports not ready is re-created by name until ready;
+/// handle, time and size are recorded at the first answer, readiness only when true.
+#[tokio::test]
+async fn not_ready_snapshot_is_polled_with_create_until_ready() {
+    let driver = FakeDriver::default();
+    driver.state.lock().not_ready_calls = 2;
+    let mut steps = vec![
+        Rounds(1),
+        ErrorLike("not ready yet"),
+        Expect(
+            "volumesnapshotcontents",
+            "",
+            vsc1(),
+            Some(
+                json!({"status": {"snapshotHandle": HANDLE1, "readyToUse": false,
+                                   "creationTime": CTIME, "restoreSize": SIZE}}),
+            ),
+        ),
+        Rounds(1),
+        Expect(
+            "volumesnapshots",
+            "app",
+            "snap1".into(),
+            Some(json!({"status": {"readyToUse": false, "creationTime": CTIME_RFC3339}})),
+        ),
+        // §D.1: a snapshot not yet ready still holds its claim.
+        Expect(
+            "persistentvolumeclaims",
+            "app",
+            "db".into(),
+            Some(json!({"metadata": {"finalizers": [FIN_PVC_AS_SOURCE]}})),
+        ),
+        Rounds(10),
+    ];
+    steps.extend(ready_snapshot_expectations());
+    steps.push(Quiet);
+    steps.push(Calls(vec![
+        "CreateSnapshot snapshot-vs-uid-1 node1/vol-db"
+            .into();
+        3
+    ]));
+    run_case("not-ready", &objects(&[SNAP1]), driver, steps).await;
+}
+
+/// §A.10: the retry backoff (its curve is unit-tested in `names`) is counted per object, and a
+/// success resets it.
+#[tokio::test]
+async fn retry_backoff_is_per_object_and_reset_by_success() {
+    let (_server, client) = ApiServer::start("");
+    let ctx = ctx(client, &FakeDriver::default());
+    let secs: Vec<u64> = (0..3)
+        .map(|_| ctx.outcome("app/a", false).as_secs())
+        .collect();
+    assert_eq!(secs, [1, 2, 4]);
+    assert_eq!(ctx.outcome("app/b", false).as_secs(), 1, "per object");
+    ctx.outcome("app/a", true);
+    assert_eq!(
+        ctx.outcome("app/a", false).as_secs(),
+        1,
+        "reset by a success"
+    );
+}
+
+/// §D.12 (PR 1216, issue 1035): a Retain group deletes its objects without a loop and without
+/// any CSI delete; a Delete group survives a failed DeleteVolumeGroupSnapshot and converges.
+#[tokio::test]
+async fn pain12_group_retain_and_intermediate_delete_failure() {
+    let retain = PVC_LOG.replacen("deletionPolicy: Delete", "deletionPolicy: Retain", 1);
+    let gname = "groupsnapshot-vgs-uid-1";
+    let vsc_db = member_content_name("vgs-uid-1", "node1/vol-db");
+    run_case(
+        "group-retain",
+        &objects(&[&retain, VGS]),
+        FakeDriver::default(),
+        vec![
+            Rounds(12),
+            Expect(
+                "volumegroupsnapshots",
+                "app",
+                "shop".into(),
+                // No bound-protection for a Retain content.
+                Some(json!({"metadata": {"finalizers": null}, "status": {"readyToUse": true}})),
+            ),
+            Delete("volumegroupsnapshots", "app", "shop".into()),
+            Rounds(15),
+            Quiet,
+            Expect("volumegroupsnapshots", "app", "shop".into(), None),
+            Expect(
+                "volumesnapshots",
+                "app",
+                member_snapshot_name("vgs-uid-1", "node1/vol-db"),
+                None,
+            ),
+            Expect(
+                "volumegroupsnapshotcontents",
+                "",
+                group_content_name("vgs-uid-1"),
+                // The group had no finalizer, so it left at once: its retained content stays
+                // as it was, storage handle included.
+                Some(json!({"metadata": {"deletionTimestamp": null},
+                            "status": {"volumeGroupSnapshotHandle": format!("group:{gname}")}})),
+            ),
+            Expect(
+                "volumesnapshotcontents",
+                "",
+                vsc_db,
+                Some(json!({"spec": {"deletionPolicy": "Retain"},
+                            "status": {"snapshotHandle": format!("node1/vol-db:{gname}")}})),
+            ),
+            Calls(vec![format!(
+                "CreateVolumeGroupSnapshot {gname} node1/vol-db,node1/vol-log"
+            )]),
+        ],
+    )
+    .await;
+
+    let driver = FakeDriver::default();
+    run_case(
+        "group-delete-fails-once",
+        &objects(&[PVC_LOG, VGS]),
+        driver.clone(),
+        vec![
+            Rounds(12),
+            CsiFault("delete_group", Code::Internal, false),
+            Delete("volumegroupsnapshots", "app", "shop".into()),
+            Rounds(1),
+            ErrorLike("Internal: scripted failure"),
+            Events(vec!["GroupSnapshotDeleteError"]),
+            // The group and its content wait for the storage, nothing is half-removed.
+            Expect(
+                "volumegroupsnapshots",
+                "app",
+                "shop".into(),
+                Some(json!({"metadata": {"finalizers": [FIN_GROUP_BOUND]}})),
+            ),
+            Expect(
+                "volumegroupsnapshotcontents",
+                "",
+                group_content_name("vgs-uid-1"),
+                Some(
+                    json!({"metadata": {"finalizers": [FIN_GROUP_CONTENT_BOUND]},
+                            "status": {"volumeGroupSnapshotHandle": format!("group:{gname}")}}),
+                ),
+            ),
+            Rounds(15),
+            Quiet,
+            Expect("volumegroupsnapshots", "app", "shop".into(), None),
+            Expect(
+                "volumegroupsnapshotcontents",
+                "",
+                group_content_name("vgs-uid-1"),
+                None,
+            ),
+            Expect(
+                "volumesnapshotcontents",
+                "",
+                member_content_name("vgs-uid-1", "node1/vol-log"),
+                None,
+            ),
+        ],
+    )
+    .await;
+    let st = driver.state.lock();
+    assert!(st.groups.is_empty(), "leaked {:?}", st.groups);
+    assert_eq!(st.deleted, [format!("group:{gname}")]);
 }

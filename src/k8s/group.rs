@@ -5,7 +5,7 @@
 use super::api::*;
 use super::driver::{GroupSnapshotInfo, with_timeout};
 use super::names::*;
-use super::snapshot::same_error;
+use super::snapshot::{WAIT_CONTENT_GONE, same_error};
 use super::{
     Ctx, Error, Result, now, pending_restore_from, set_annotations, set_finalizers, time_from_ns,
     write_status,
@@ -17,9 +17,6 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::time::Duration;
-
-const WAIT_CONTENT_GONE: Duration = Duration::from_secs(10);
 
 fn vgs_api(ctx: &Ctx, ns: &str) -> Api<VolumeGroupSnapshot> {
     Api::namespaced(ctx.client.clone(), ns)
@@ -174,7 +171,7 @@ pub async fn sync_group_snapshot(vgs: &VolumeGroupSnapshot, ctx: &Ctx) -> Result
     {
         ensure_members(&vgs, &content, ctx).await?;
     }
-    Ok(Action::await_change())
+    Ok(Action::requeue(RESYNC))
 }
 
 async fn bind_static(
@@ -703,7 +700,7 @@ pub async fn sync_group_content(content: &VolumeGroupSnapshotContent, ctx: &Ctx)
     }
     let st = c.status.clone().unwrap_or_default();
     if st.ready_to_use == Some(true) && st.volume_group_snapshot_handle.is_some() {
-        return Ok(Action::await_change());
+        return Ok(Action::requeue(RESYNC));
     }
     if let Some(h) = c.spec.source.group_snapshot_handles.clone() {
         let (_, secret) = match class_inputs(&c, SecretKind::GroupSnapshotterGet, ctx).await {
@@ -729,7 +726,7 @@ pub async fn sync_group_content(content: &VolumeGroupSnapshotContent, ctx: &Ctx)
                 let st = group_content_status(c.status.as_ref(), &info);
                 write_status(&vgsc_api(ctx), &c.name_any(), c.status.as_ref(), &st).await?;
                 if info.ready_to_use {
-                    Ok(Action::await_change())
+                    Ok(Action::requeue(RESYNC))
                 } else {
                     Err(Error::Pending("group snapshot not ready yet".into()))
                 }
@@ -776,6 +773,14 @@ async fn create_group_content(c: VolumeGroupSnapshotContent, ctx: &Ctx) -> Resul
         .await?
         .unwrap_or(c);
     let name = csi_group_snapshot_name(&uid);
+    let r = &c.spec.volume_group_snapshot_ref;
+    let params = with_create_metadata(
+        params,
+        true,
+        r.namespace.as_deref().unwrap_or_default(),
+        r.name.as_deref().unwrap_or_default(),
+        &c.name_any(),
+    );
     let res = with_timeout(
         ctx.csi_timeout,
         ctx.driver
@@ -790,7 +795,7 @@ async fn create_group_content(c: VolumeGroupSnapshotContent, ctx: &Ctx) -> Resul
                 .unwrap_or(c);
             set_annotations(&vgsc_api(ctx), &c, &[(ANN_GROUP_BEING_CREATED, None)]).await?;
             if info.ready_to_use {
-                Ok(Action::await_change())
+                Ok(Action::requeue(RESYNC))
             } else {
                 Err(Error::Pending(format!(
                     "group snapshot {} not ready yet",
@@ -844,7 +849,7 @@ async fn delete_group_content(c: VolumeGroupSnapshotContent, ctx: &Ctx) -> Resul
         || c.annotations().contains_key(ANN_GROUP_BEING_DELETED)
         || group_snapshot_gone(r, ctx).await?;
     if !may_delete {
-        return Ok(Action::await_change());
+        return Ok(Action::requeue(RESYNC));
     }
     let st = c.status.clone().unwrap_or_default();
     let statik = c.spec.source.group_snapshot_handles.clone();

@@ -94,6 +94,51 @@ pub fn member_content_name(group_uid: &str, volume_handle: &str) -> String {
     format!("snapcontent-{}", member_hash(group_uid, volume_handle))
 }
 
+/// CreateSnapshot parameter added like upstream's `--extra-create-metadata` (§A.7): the
+/// VolumeSnapshot's name.
+pub const PARAM_SNAPSHOT_NAME: &str = "csi.storage.k8s.io/volumesnapshot/name";
+/// Extra metadata: the VolumeSnapshot's namespace.
+pub const PARAM_SNAPSHOT_NAMESPACE: &str = "csi.storage.k8s.io/volumesnapshot/namespace";
+/// Extra metadata: the VolumeSnapshotContent's name.
+pub const PARAM_CONTENT_NAME: &str = "csi.storage.k8s.io/volumesnapshotcontent/name";
+/// Extra metadata of CreateVolumeGroupSnapshot: the VolumeGroupSnapshot's name.
+pub const PARAM_GROUP_SNAPSHOT_NAME: &str = "csi.storage.k8s.io/volumegroupsnapshot/name";
+/// Extra metadata: the VolumeGroupSnapshot's namespace.
+pub const PARAM_GROUP_SNAPSHOT_NAMESPACE: &str = "csi.storage.k8s.io/volumegroupsnapshot/namespace";
+/// Extra metadata: the VolumeGroupSnapshotContent's name.
+pub const PARAM_GROUP_CONTENT_NAME: &str = "csi.storage.k8s.io/volumegroupsnapshotcontent/name";
+
+/// Adds the extra-create-metadata parameters (§A.7) to the class's driver parameters.
+pub fn with_create_metadata(
+    mut params: BTreeMap<String, String>,
+    group: bool,
+    snapshot_namespace: &str,
+    snapshot_name: &str,
+    content_name: &str,
+) -> BTreeMap<String, String> {
+    let (n, ns, c) = if group {
+        (
+            PARAM_GROUP_SNAPSHOT_NAME,
+            PARAM_GROUP_SNAPSHOT_NAMESPACE,
+            PARAM_GROUP_CONTENT_NAME,
+        )
+    } else {
+        (
+            PARAM_SNAPSHOT_NAME,
+            PARAM_SNAPSHOT_NAMESPACE,
+            PARAM_CONTENT_NAME,
+        )
+    };
+    params.insert(n.into(), snapshot_name.into());
+    params.insert(ns.into(), snapshot_namespace.into());
+    params.insert(c.into(), content_name.into());
+    params
+}
+
+/// Every reconciled object is looked at again after this long even without a change, like
+/// upstream's `--resync-period` (§A.10): a missed watch event costs at most this delay.
+pub const RESYNC: Duration = Duration::from_secs(15 * 60);
+
 /// First retry delay.
 pub const BACKOFF_START: Duration = Duration::from_secs(1);
 /// Longest retry delay.

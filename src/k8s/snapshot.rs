@@ -21,7 +21,7 @@ use std::time::Duration;
 
 /// How often a snapshot waiting for its content object to go is looked at again, in case a
 /// watch event is missed (§D.2: upstream waits for a 15-minute resync).
-const WAIT_CONTENT_GONE: Duration = Duration::from_secs(10);
+pub const WAIT_CONTENT_GONE: Duration = Duration::from_secs(10);
 
 fn vs_api(ctx: &Ctx, ns: &str) -> Api<VolumeSnapshot> {
     Api::namespaced(ctx.client.clone(), ns)
@@ -159,7 +159,7 @@ pub async fn sync_snapshot(vs: &VolumeSnapshot, ctx: &Ctx) -> Result<Action> {
     if let Some(pvc) = &vs.spec.source.persistent_volume_claim_name {
         release_pvc(ctx, &ns, pvc).await?;
     }
-    Ok(Action::await_change())
+    Ok(Action::requeue(RESYNC))
 }
 
 /// The VS status that mirrors `content` (§A.5).
@@ -454,7 +454,9 @@ async fn release_pvc(ctx: &Ctx, ns: &str, pvc_name: &str) -> Result<()> {
     Ok(())
 }
 
-/// A content whose CreateSnapshot has not yet succeeded or failed for good.
+/// A content whose snapshot is neither ready nor failed for good: it still needs its claim
+/// (§A.6: the claim is held while a not-ready snapshot of it progresses; §D.1: a failed one
+/// does not hold it).
 fn content_in_flight(c: &VolumeSnapshotContent) -> bool {
     if c.annotations().contains_key(ANN_BEING_CREATED) {
         return true;
@@ -462,7 +464,7 @@ fn content_in_flight(c: &VolumeSnapshotContent) -> bool {
     let st = c.status.clone().unwrap_or_default();
     c.metadata.deletion_timestamp.is_none()
         && c.spec.source.volume_handle.is_some()
-        && st.snapshot_handle.is_none()
+        && st.ready_to_use != Some(true)
         && st.error.is_none()
 }
 
@@ -556,7 +558,7 @@ pub async fn sync_content(content: &VolumeSnapshotContent, ctx: &Ctx) -> Result<
     let st = c.status.clone().unwrap_or_default();
     if st.ready_to_use == Some(true) && st.snapshot_handle.is_some() {
         // Once ready, never call the driver again.
-        return Ok(Action::await_change());
+        return Ok(Action::requeue(RESYNC));
     }
     let member = c.annotations().contains_key(ANN_MEMBER_GROUP_HANDLE)
         || st.volume_group_snapshot_handle.is_some();
@@ -679,6 +681,14 @@ async fn create_content(c: VolumeSnapshotContent, ctx: &Ctx) -> Result<Action> {
         .unwrap_or(c);
     let handle = c.spec.source.volume_handle.clone().unwrap_or_default();
     let name = csi_snapshot_name(&uid);
+    let r = &c.spec.volume_snapshot_ref;
+    let params = with_create_metadata(
+        params,
+        false,
+        r.namespace.as_deref().unwrap_or_default(),
+        r.name.as_deref().unwrap_or_default(),
+        &c.name_any(),
+    );
     let span = tracing::info_span!("create_snapshot", snapshot = %name, volume = %handle);
     let _g = span.enter();
     let res = with_timeout(
@@ -698,7 +708,7 @@ async fn create_content(c: VolumeSnapshotContent, ctx: &Ctx) -> Result<Action> {
                 .unwrap_or(c);
             set_annotations(&vsc_api(ctx), &c, &[(ANN_BEING_CREATED, None)]).await?;
             if info.ready_to_use {
-                Ok(Action::await_change())
+                Ok(Action::requeue(RESYNC))
             } else {
                 Err(Error::Pending(format!(
                     "snapshot {} not ready yet",
@@ -759,7 +769,7 @@ async fn refresh_content(c: VolumeSnapshotContent, member: bool, ctx: &Ctx) -> R
             let st = content_status(c.status.as_ref(), &info);
             write_status(&vsc_api(ctx), &c.name_any(), c.status.as_ref(), &st).await?;
             if info.ready_to_use {
-                Ok(Action::await_change())
+                Ok(Action::requeue(RESYNC))
             } else {
                 Err(Error::Pending(format!("snapshot {handle} not ready yet")))
             }
@@ -849,7 +859,7 @@ async fn delete_content(c: VolumeSnapshotContent, ctx: &Ctx) -> Result<Action> {
         || c.annotations().contains_key(ANN_BEING_DELETED)
         || snapshot_gone(r, ctx).await?;
     if !may_delete {
-        return Ok(Action::await_change());
+        return Ok(Action::requeue(RESYNC));
     }
     let st = c.status.clone().unwrap_or_default();
     let handle = st

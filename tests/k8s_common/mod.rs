@@ -365,6 +365,7 @@ impl ApiServer {
                         .is_none_or(|f| f.is_empty());
                 if gone {
                     st.objects.remove(&key(&name));
+                    collect_garbage(&mut st, &cur);
                 } else {
                     st.objects.insert(key(&name), next.clone());
                 }
@@ -387,10 +388,56 @@ impl ApiServer {
                     st.objects.insert(key(&name), cur.clone());
                 } else {
                     st.objects.remove(&key(&name));
+                    collect_garbage(&mut st, &cur);
                 }
                 (200, cur)
             }
             _ => status(405, "MethodNotAllowed", "unsupported"),
+        }
+    }
+}
+
+/// The garbage collector's background propagation: once `gone` has left the store, objects
+/// whose ownerReferences name its uid are deleted (held by their finalizers like any DELETE).
+fn collect_garbage(st: &mut State, gone: &Value) {
+    let mut owners = vec![
+        gone["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    ];
+    while let Some(owner) = owners.pop() {
+        let owned: Vec<Key> = st
+            .objects
+            .iter()
+            .filter(|(_, v)| {
+                v["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_some_and(|o| o.iter().any(|r| r["uid"] == owner.as_str()))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in owned {
+            st.rv += 1;
+            let rv = st.rv.to_string();
+            let v = st.objects.get_mut(&k).unwrap();
+            let has_fin = v["metadata"]["finalizers"]
+                .as_array()
+                .is_some_and(|f| !f.is_empty());
+            if has_fin {
+                if !v["metadata"]["deletionTimestamp"].is_string() {
+                    v["metadata"]["deletionTimestamp"] = json!("2026-11-22T12:00:00Z");
+                    v["metadata"]["resourceVersion"] = json!(rv);
+                }
+            } else {
+                let v = st.objects.remove(&k).unwrap();
+                owners.push(
+                    v["metadata"]["uid"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+            }
         }
     }
 }
@@ -542,12 +589,13 @@ impl SnapshotDriver for FakeDriver {
         &'a self,
         name: &'a str,
         sources: &'a [String],
-        _parameters: &'a BTreeMap<String, String>,
+        parameters: &'a BTreeMap<String, String>,
         secrets: &'a Secrets,
     ) -> BoxFuture<'a, DriverResult<GroupSnapshotInfo>> {
         Box::pin(async move {
             let fault = self.fault("create_group");
             let mut st = self.state.lock();
+            st.params_seen.push(parameters.clone());
             st.calls.push(format!(
                 "CreateVolumeGroupSnapshot {name} {}",
                 sources.join(",")
