@@ -248,3 +248,37 @@ fn a_failed_cleaning_stops_the_mapping_and_its_dependants() {
         failures[0].events
     );
 }
+
+#[test]
+fn a_store_that_fails_to_flush_refuses_its_own_copies_and_the_pool_goes_on() {
+    let f = fixture();
+    let (src, tgt, other) = (f.vol("src", 1), f.vol("tgt", 0), f.vol("other", 0));
+    let m = f.map(src, tgt, 0);
+    f.pool.start_mapping(m, true, false).unwrap();
+    f.backend.store(tgt).unwrap().fail_flush(true);
+
+    // The preserved grain cannot be made durable: the source write is refused, nothing changed.
+    assert!(matches!(
+        f.pool.write(src, 0, &[2; 512]),
+        Err(VolumeError::Store(_))
+    ));
+    assert_eq!(f.read(src, 0, 512).unwrap(), vec![1; 512]);
+    assert_eq!(f.read(tgt, 0, 512).unwrap(), vec![1; 512]);
+    assert!(!f.pool.engine().mapping(m).unwrap().is_split(0));
+    // The rest of the pool is not poisoned by one disk.
+    f.pool.write(other, 0, &[5; 512]).unwrap();
+    f.pool.create_volume("later", MIB).unwrap();
+
+    // Once the disk is back the write copies the grain again: the failed flush lost that copy
+    // (as Linux may after a writeback error), so only a new one can be durable.
+    f.backend.store(tgt).unwrap().fail_flush(false);
+    f.pool.write(src, 0, &[2; 512]).unwrap();
+    assert_eq!(f.read(src, 0, 512).unwrap(), vec![2; 512]);
+    assert_eq!(f.read(tgt, 0, 512).unwrap(), vec![1; 512]);
+    let durable = f.backend.store(tgt).unwrap().durable_image();
+    assert!(
+        durable[..GRAIN as usize].iter().all(|b| *b == 1),
+        "the snapshot's grain survives a crash"
+    );
+    assert_eq!(f.state(m), MapState::Copying);
+}

@@ -132,6 +132,8 @@ pub struct FaultStore {
     fail_reads: AtomicBool,
     /// Writes and discards fail with `EIO` while set.
     fail_writes: AtomicBool,
+    /// Flushes fail with `EIO` while set, and lose what they should have made durable.
+    fail_flushes: AtomicBool,
 }
 
 impl std::fmt::Debug for FaultStore {
@@ -172,6 +174,7 @@ impl FaultStore {
             point,
             fail_reads: AtomicBool::new(false),
             fail_writes: AtomicBool::new(false),
+            fail_flushes: AtomicBool::new(false),
         }
     }
 
@@ -181,6 +184,13 @@ impl FaultStore {
     pub fn fail_io(&self, reads: bool, writes: bool) {
         self.fail_reads.store(reads, Ordering::Release);
         self.fail_writes.store(writes, Ordering::Release);
+    }
+
+    /// Makes flushes of this store fail with `EIO` from now on, until called again, the way
+    /// Linux reports a failed writeback: the unsynced writes are lost for good (reads still
+    /// see them; a later flush that succeeds does not bring them back).
+    pub fn fail_flush(&self, fail: bool) {
+        self.fail_flushes.store(fail, Ordering::Release);
     }
 
     fn medium_error(flag: &AtomicBool) -> Result<(), StoreError> {
@@ -271,6 +281,10 @@ impl BlockStore for FaultStore {
     fn flush(&self) -> Result<(), StoreError> {
         let mut s = self.state.write();
         self.point.tick()?;
+        if self.fail_flushes.load(Ordering::Acquire) {
+            s.pending.clear();
+            return Self::medium_error(&self.fail_flushes);
+        }
         let State {
             durable, pending, ..
         } = &mut *s;

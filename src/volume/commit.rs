@@ -8,8 +8,9 @@
 use super::VolumeError;
 use crate::engine::{Engine, Op};
 use crate::meta::Journal;
-use crate::store::BlockStore;
+use crate::store::{BlockStore, StoreError};
 use parking_lot::{Condvar, Mutex, RwLock};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -22,11 +23,15 @@ pub(super) struct Batch {
 
 #[derive(Default)]
 struct State {
-    queue: Vec<Batch>,
+    /// Batches waiting for the next round, with their sequence numbers.
+    queue: Vec<(u64, Batch)>,
     enqueued: u64,
     done: u64,
     leading: bool,
     failed: Option<String>,
+    /// Batches of finished rounds that failed alone (a data store did not flush), by sequence
+    /// number; their callers take them out.
+    refused: HashMap<u64, StoreError>,
 }
 
 pub(super) struct Committer {
@@ -55,10 +60,13 @@ impl Committer {
         if let Some(e) = &st.failed {
             return Err(VolumeError::Poisoned(e.clone()));
         }
-        st.queue.push(batch);
         st.enqueued += 1;
         let me = st.enqueued;
+        st.queue.push((me, batch));
         loop {
+            if let Some(e) = st.refused.remove(&me) {
+                return Err(VolumeError::Store(e));
+            }
             if let Some(e) = &st.failed {
                 return Err(VolumeError::Poisoned(e.clone()));
             }
@@ -74,10 +82,14 @@ impl Committer {
                 st = self.state.lock();
                 st.leading = false;
                 st.done = upto;
-                if let Err(e) = res {
-                    // The disk state is unknown now: refuse everything until a restart recovers.
-                    tracing::error!(error = %e, "metadata commit failed; the pool refuses further changes");
-                    st.failed = Some(e.to_string());
+                match res {
+                    Ok(refused) => st.refused.extend(refused),
+                    Err(e) => {
+                        // The journal's state is unknown now: refuse everything until a restart
+                        // recovers.
+                        tracing::error!(error = %e, "metadata commit failed; the pool refuses further changes");
+                        st.failed = Some(e.to_string());
+                    }
                 }
                 self.cv.notify_all();
                 continue;
@@ -86,15 +98,48 @@ impl Committer {
         }
     }
 
-    fn write_round(&self, engine: &RwLock<Engine>, batches: Vec<Batch>) -> Result<(), VolumeError> {
+    /// One round; returns the batches refused because a store of theirs failed to flush.
+    fn write_round(
+        &self,
+        engine: &RwLock<Engine>,
+        batches: Vec<(u64, Batch)>,
+    ) -> Result<HashMap<u64, StoreError>, VolumeError> {
         // Data first: a split bit may only become durable after the grain it vouches for.
-        let mut synced: Vec<*const ()> = Vec::new();
-        for s in batches.iter().flat_map(|b| &b.stores) {
+        let mut flushed: Vec<(*const (), Option<String>)> = Vec::new();
+        for s in batches.iter().flat_map(|(_, b)| &b.stores) {
             let key = Arc::as_ptr(s) as *const ();
-            if !synced.contains(&key) {
-                synced.push(key);
-                s.flush()?;
+            if !flushed.iter().any(|(k, _)| *k == key) {
+                flushed.push((key, s.flush().err().map(|e| e.to_string())));
             }
+        }
+        // A store that failed to flush holds unknown data (and the kernel may have dropped the
+        // pages, so a later flush proves nothing): the ops vouching for it are dropped and
+        // their callers get the error. The grains stay unsplit, so a retry copies them again.
+        // Nothing else depends on them: each batch holds its own grain locks. Control ops carry
+        // no stores and were applied already, so a batch refused here is always a data batch.
+        let failure = |b: &Batch| {
+            b.stores.iter().find_map(|s| {
+                let key = Arc::as_ptr(s) as *const ();
+                flushed
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .and_then(|(_, e)| e.clone())
+            })
+        };
+        let mut refused = HashMap::new();
+        let batches: Vec<Batch> = batches
+            .into_iter()
+            .filter_map(|(seq, b)| match failure(&b) {
+                Some(e) => {
+                    tracing::error!(error = %e, "a data store failed to flush; its grain copies are dropped");
+                    refused.insert(seq, StoreError::Io(std::io::Error::other(e)));
+                    None
+                }
+                None => Some(b),
+            })
+            .collect();
+        if batches.is_empty() {
+            return Ok(refused);
         }
         let records: Vec<Vec<u8>> = batches
             .iter()
@@ -120,7 +165,7 @@ impl Committer {
             let bytes = bincode::serialize(&*engine.read()).expect("engine serialises");
             journal.checkpoint(&bytes)?;
         }
-        Ok(())
+        Ok(refused)
     }
 
     /// Writes a checkpoint of `engine` now (clean shutdown, after recovery).
