@@ -476,40 +476,96 @@ impl World {
 
     fn check(&self, c: &Cmd) {
         // Every grain of every volume and mapping has a valid plan now, not only those the
-        // commands happened to reach: each copy reads its source before any earlier copy of
-        // the plan overwrites it (the planner also checks this itself in debug builds).
+        // commands happened to reach. Executed symbolically (each volume's physical grain is
+        // a token; a copy moves tokens) and followed by its marks, a plan leaves every volume
+        // reading the image it read before, except that a write's volume reads its own
+        // physical grain (the written data) and nobody else does.
         {
             let e = self.pool.engine();
-            let valid = |what: &str, plan: &dyn Fn() -> Option<GrainPlan>| {
+            let check_plan = |dom: VolId,
+                              plan: &GrainPlan,
+                              written: Option<(VolId, bool)>|
+             -> Result<(), String> {
+                let g = plan.grain;
+                // Grain numbers count in the lock domain's grain size.
+                let vols: Vec<VolId> = e
+                    .volumes()
+                    .map(|v| v.id)
+                    .filter(|v| e.lock_domain(*v).is_some_and(|(d, _)| d == dom))
+                    .collect();
+                let before: BTreeMap<VolId, VolId> =
+                    vols.iter().map(|v| (*v, e.resolve(*v, g))).collect();
+                let mut phys: BTreeMap<VolId, VolId> = vols.iter().map(|v| (*v, *v)).collect();
+                for c in &plan.copies {
+                    let token = phys[&c.from];
+                    phys.insert(c.to, token);
+                }
+                let mut after = e.clone();
+                for op in &plan.marks {
+                    after
+                        .apply(op)
+                        .map_err(|err| format!("mark {op:?} rejected: {err}"))?;
+                }
+                for &v in &vols {
+                    let r = after.resolve(v, g);
+                    match written {
+                        Some((w, whole)) if w == v => {
+                            if r != v {
+                                return Err(format!("{v} does not read its own write (reads {r})"));
+                            }
+                            if !whole && phys[&v] != before[&v] {
+                                return Err(format!("{v} lost the rest of its grain"));
+                            }
+                        }
+                        Some((w, _)) if r == w => {
+                            return Err(format!("{v} would read the write to {w}"));
+                        }
+                        _ if phys[&r] != before[&v] => {
+                            return Err(format!(
+                                "{v} read {}'s grain before and reads {}'s after",
+                                before[&v], phys[&r]
+                            ));
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(())
+            };
+            let valid = |what: &str,
+                         dom: VolId,
+                         written: Option<(VolId, bool)>,
+                         plan: &dyn Fn() -> Option<GrainPlan>| {
                 let plan = std::panic::catch_unwind(std::panic::AssertUnwindSafe(plan));
-                let ok = plan.as_ref().is_ok_and(|p| {
-                    p.as_ref().is_none_or(|p| {
-                        p.copies.iter().enumerate().all(|(i, c)| {
-                            c.from != c.to && p.copies[..i].iter().all(|d| d.to != c.from)
-                        })
-                    })
-                });
-                assert!(
-                    ok,
-                    "after {c:?}: invalid plan for {what}: {plan:?}\n{:#?}",
-                    e.mappings().collect::<Vec<_>>()
-                );
+                let verdict = match &plan {
+                    Err(_) => Err("the planner panicked".to_string()),
+                    Ok(None) => Ok(()),
+                    Ok(Some(p)) => check_plan(dom, p, written),
+                };
+                if let Err(why) = verdict {
+                    panic!(
+                        "after {c:?}: invalid plan for {what}: {why}\n{plan:?}\n{:#?}",
+                        e.mappings().collect::<Vec<_>>()
+                    );
+                }
             };
             for &v in &self.vols {
-                let Some((_, gs)) = e.lock_domain(v) else {
+                let Some((dom, gs)) = e.lock_domain(v) else {
                     continue;
                 };
                 for g in 0..(VOL_SIZE as u64).div_ceil(gs.bytes()) {
                     for whole in [false, true] {
-                        valid(&format!("a write to {v} grain {g}"), &|| {
-                            Some(e.plan_write(v, g, whole))
-                        });
+                        valid(
+                            &format!("a write to {v} grain {g}"),
+                            dom,
+                            Some((v, whole)),
+                            &|| Some(e.plan_write(v, g, whole)),
+                        );
                     }
                     for m in e.mappings_of(v).filter(|m| m.source == v) {
-                        valid(&format!("copying {} grain {g}", m.id), &|| {
+                        valid(&format!("copying {} grain {g}", m.id), dom, None, &|| {
                             e.plan_background(m.id, g)
                         });
-                        valid(&format!("cleaning {} grain {g}", m.id), &|| {
+                        valid(&format!("cleaning {} grain {g}", m.id), dom, None, &|| {
                             e.plan_clean(m.id, g)
                         });
                     }

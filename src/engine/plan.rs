@@ -32,6 +32,33 @@ impl GrainPlan {
     pub fn is_noop(&self) -> bool {
         self.copies.is_empty() && self.marks.is_empty()
     }
+
+    /// The volume that holds `v`'s physical grain as it was when the plan began, at this point
+    /// of the plan: `v` itself until a copy overwrites it, then a volume an earlier copy gave
+    /// that grain to (and nothing overwrote since). Restores in a ring can make two volumes read
+    /// each other's physical data; the first copy into one of them must not lose what the
+    /// other still reads.
+    fn holder(&self, v: VolId) -> Option<VolId> {
+        let Some(over) = self.copies.iter().position(|c| c.to == v) else {
+            return Some(v);
+        };
+        self.copies[..over].iter().enumerate().find_map(|(i, c)| {
+            (c.from == v && self.copies[i + 1..].iter().all(|d| d.to != c.to)).then_some(c.to)
+        })
+    }
+
+    /// Appends a copy of `from`'s grain as it was when the plan began into `to`.
+    fn push_copy(&mut self, from: VolId, to: VolId) {
+        let held = self.holder(from);
+        debug_assert!(
+            held.is_some(),
+            "copy source overwritten earlier in the plan"
+        );
+        let from = held.unwrap_or(from);
+        if from != to {
+            self.copies.push(GrainCopy { from, to });
+        }
+    }
 }
 
 /// How I/O to a volume must be carried out.
@@ -202,14 +229,7 @@ impl Engine {
             // The dependant's own readers of its physical data go first: they read it before
             // this copy overwrites it.
             self.protect(dm.target, g, false, seen, plan);
-            debug_assert!(
-                plan.copies.iter().all(|c| c.to != from),
-                "copy source overwritten earlier in the plan"
-            );
-            plan.copies.push(GrainCopy {
-                from,
-                to: dm.target,
-            });
+            plan.push_copy(from, dm.target);
             plan.marks.push(Op::MarkSplit { map: d, grain: g });
         }
     }
@@ -227,10 +247,7 @@ impl Engine {
         let mut seen: BTreeSet<MapId> = own.into_iter().collect();
         self.protect(vol, g, true, &mut seen, &mut plan);
         if own.is_some() && !whole {
-            plan.copies.push(GrainCopy {
-                from: self.resolve(vol, g),
-                to: vol,
-            });
+            plan.push_copy(self.resolve(vol, g), vol);
         }
         for m in v.recorders.iter().map(|id| &self.mappings[id]) {
             if m.recording && m.diff.as_ref().is_some_and(|d| !d.get(g)) {
@@ -259,10 +276,7 @@ impl Engine {
         };
         let mut seen = BTreeSet::from([map]);
         self.protect(m.target, g, false, &mut seen, &mut plan);
-        plan.copies.push(GrainCopy {
-            from: self.resolve(m.target, g),
-            to: m.target,
-        });
+        plan.push_copy(self.resolve(m.target, g), m.target);
         plan.marks.push(Op::MarkSplit { map, grain: g });
         Some(plan)
     }
