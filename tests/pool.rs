@@ -52,6 +52,39 @@ fn a_restarted_pool_has_every_volume_mapping_and_byte() {
         let s = read_all(&pool, src);
         assert!(s[4096..304_096].iter().all(|b| *b == 2) && s[..4096].iter().all(|b| *b == 1));
     }
+    // Volumes of different sizes: the source grows under its snapshot, and a larger snapshot
+    // of it maps the 3 MiB the source has then; the mappings keep their lengths across a
+    // restart and every volume reads its own image and size.
+    let big = {
+        let pool = Pool::open_dir(dir.path(), PoolConfig::default()).unwrap();
+        pool.resize_volume(src, 3 * MIB).unwrap();
+        pool.write(src, 2 * MIB, &vec![3; MIB as usize]).unwrap();
+        let big = pool.create_volume("big", 4 * MIB).unwrap();
+        snapshot(&pool, src, big);
+        for v in [src, snap, big] {
+            pool.flush(v).unwrap();
+        }
+        big
+    };
+    let mut src_image = vec![1; 3 * MIB as usize];
+    src_image[4096..304_096].fill(2);
+    src_image[2 * MIB as usize..].fill(3);
+    let mut big_image = src_image.clone();
+    big_image.resize(4 * MIB as usize, 0);
+    for round in 0..2 {
+        let pool = Pool::open_dir(dir.path(), PoolConfig::default()).unwrap();
+        let grains: Vec<u64> = pool.engine().mappings().map(|m| m.grains()).collect();
+        assert_eq!(grains, vec![32, 48], "64 KiB grains over 2 MiB and 3 MiB");
+        assert_eq!(read_all(&pool, snap), vec![1; 2 * MIB as usize]);
+        assert_eq!(read_all(&pool, big), big_image);
+        assert_eq!(read_all(&pool, src), src_image);
+        if round == 0 {
+            // Writes after the restart move the old data to the right snapshot.
+            pool.write(src, 0, &vec![9; 3 * MIB as usize]).unwrap();
+            src_image.fill(9);
+            pool.flush(src).unwrap();
+        }
+    }
 }
 
 fn flip_byte(path: &Path, at: u64) {
