@@ -257,3 +257,35 @@ fn concurrent_first_writes_share_syncs() {
         "the snapshot kept its point in time"
     );
 }
+
+/// A restore onto a source that grew since the snapshot: the snapshot's range (its size) is
+/// restored, the grown region keeps its data, and a snapshot taken before the restore keeps
+/// the source's image, grown region included.
+#[test]
+fn a_restore_onto_a_grown_source_restores_the_snapshots_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::open_dir(dir.path(), PoolConfig::default()).unwrap();
+    let src = pool.create_volume("src", 2 * MIB).unwrap();
+    let snap = pool.create_volume("snap", 2 * MIB).unwrap();
+    let before = pool.create_volume("before", 3 * MIB).unwrap();
+    pool.write(src, 0, &vec![1; 2 * MIB as usize]).unwrap();
+    snapshot(&pool, src, snap);
+    pool.resize_volume(src, 3 * MIB).unwrap();
+    pool.write(src, 0, &vec![2; 3 * MIB as usize]).unwrap();
+    snapshot(&pool, src, before);
+    let mut spec = MappingSpec::snapshot(snap, src);
+    spec.grain = Some(GrainSize::K64);
+    let restore = pool.create_mapping(spec).unwrap();
+    pool.start_mapping(restore, true, true).unwrap();
+    let mut want = vec![1; 2 * MIB as usize];
+    want.resize(3 * MIB as usize, 2);
+    assert_eq!(read_all(&pool, src), want);
+    assert_eq!(read_all(&pool, snap), vec![1; 2 * MIB as usize]);
+    assert_eq!(read_all(&pool, before), vec![2; 3 * MIB as usize]);
+    // Writes after the restore reach only the source.
+    pool.write(src, MIB, &vec![3; 2 * MIB as usize]).unwrap();
+    want[MIB as usize..].fill(3);
+    assert_eq!(read_all(&pool, src), want);
+    assert_eq!(read_all(&pool, snap), vec![1; 2 * MIB as usize]);
+    assert_eq!(read_all(&pool, before), vec![2; 3 * MIB as usize]);
+}
