@@ -26,7 +26,7 @@ fn ibm_verbs_tables_json_and_errors() {
         "Virtual Disk, id [1], successfully created\n"
     );
     a.fc_ok(&["mkvol", "db-copy", "4MiB"]);
-    a.fc_ok(&["mkvol", "tiny", "1048576"]);
+    a.fc_ok(&["mkvol", "tiny", "1049088"]);
 
     // lsvol: a table with IBM-like columns, and JSON.
     let t = a.fc_ok(&["lsvol"]);
@@ -48,14 +48,15 @@ fn ibm_verbs_tables_json_and_errors() {
     );
     let v = json(&a.fc_ok(&["-o", "json", "lsvol"]));
     assert_eq!(v.as_array().unwrap().len(), 3);
-    assert_eq!(v[2]["size_bytes"], 1 << 20);
+    assert_eq!(v[2]["size_bytes"], (1 << 20) + 512);
 
-    // Unequal sizes: the rule and its IBM id, exit 1, nothing created.
+    // Unequal sizes where the smaller ends inside a grain: the rule and its IBM id, exit 1,
+    // nothing created.
     let o = a.fc(&["mkfcmap", "--source", "db", "--target", "tiny"]);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(
-        e.contains("CMMVC5924E") && e.contains("sizes must be equal"),
+        e.contains("CMMVC5924E") && e.contains("whole number of 262144-byte grains"),
         "{e}"
     );
     assert!(e.starts_with("error: "), "{e}");

@@ -151,10 +151,13 @@ fn says(err: &EngineError, fragments: &[&str]) {
 }
 
 #[test]
-fn unequal_sizes() {
+fn unequal_sizes_need_whole_grains_and_mapped_volumes_do_not_shrink() {
     let w = World::new();
     let a = w.vol("a", SIZE);
-    let b = w.vol("b", 2 * SIZE);
+    let b = w.vol("b", SIZE / 2 + 512);
+    let c = w.vol("c", SIZE / 2 + 512);
+    let d = w.vol("d", 2 * SIZE);
+    // Sizes may differ only when the smaller one is a whole number of grains.
     let err = w.rejects("mkfcmap a→b", |p| p.create_mapping(spec(a, b)));
     assert_eq!(
         err,
@@ -162,10 +165,33 @@ fn unequal_sizes() {
             src: a,
             source_size: SIZE,
             target: b,
-            target_size: 2 * SIZE
+            target_size: SIZE / 2 + 512,
+            grain: 64 * K,
         }
     );
-    says(&err, &["CMMVC5924E", "vol1", "vol2", "131072", "262144"]);
+    says(
+        &err,
+        &["CMMVC5924E", "vol1", "vol2", "131072", "66048", "65536"],
+    );
+    let m = w.snap(b, c);
+    let big = w.snap(a, d);
+    assert_eq!(w.pool.engine().mapping(big).unwrap().grains(), 2);
+    for v in [b, c] {
+        let err = w.rejects("shrink a mapped volume", |p| p.resize_volume(v, 512));
+        assert_eq!(err, EngineError::VolumeInUse(v, m));
+        says(
+            &err,
+            &[&v.to_string(), "fcmap1", "delete the mapping first"],
+        );
+    }
+    let err = w.rejects("grow a target ending inside a mapped grain", |p| {
+        p.resize_volume(c, SIZE)
+    });
+    assert!(matches!(err, EngineError::GrowInsideGrain { vol, map, .. } if vol == c && map == m));
+    says(&err, &["vol3", "fcmap1", "65536", "grow"]);
+    // Sources grow freely, and so does a target past its mapped range.
+    w.pool.resize_volume(b, 2 * SIZE).unwrap();
+    w.pool.resize_volume(d, 3 * SIZE).unwrap();
 }
 
 #[test]

@@ -483,6 +483,47 @@ fn snapshots_restores_and_clones_read_at_once() {
     // The source moves on; the snapshot keeps its point in time.
     qemu_io(&cl.nbd_of_volume(&v.volume_id), &["write -P 0xbb 0 512k"]);
     qemu_io(&cl.nbd_of_snapshot(&s.snapshot_id), &["read -P 0xaa 0 1M"]);
+    // The source grows while the snapshot exists; the snapshot keeps its size and image,
+    // and the grown region (written at once) has no dependants.
+    let grown = cl
+        .block_on(
+            ctl.controller_expand_volume(c::ControllerExpandVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                capacity_range: Some(c::CapacityRange {
+                    required_bytes: 6 * MIB,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            }),
+        )
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 6 * MIB);
+    assert!(grown.node_expansion_required);
+    qemu_io(
+        &cl.nbd_of_volume(&v.volume_id),
+        &[
+            "read -P 0xbb 0 512k",
+            "read -P 0xaa 512k 512k",
+            "read -P 0 1M 5M",
+            "write -P 0xcc 3M 2M",
+            "read -P 0xcc 3M 2M",
+        ],
+    );
+    qemu_io(
+        &cl.nbd_of_snapshot(&s.snapshot_id),
+        &["read -P 0xaa 0 1M", "read -P 0 1M 3M"],
+    );
+    let s_now = cl
+        .block_on(ctl.get_snapshot(c::GetSnapshotRequest {
+            snapshot_id: s.snapshot_id.clone(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(s_now.size_bytes, 4 * MIB);
 
     // Re-created by name: same id and creation time, even a second later.
     std::thread::sleep(Duration::from_millis(1100));
@@ -524,14 +565,41 @@ fn snapshots_restores_and_clones_read_at_once() {
         ..Default::default()
     })));
     assert_eq!(got, Code::FailedPrecondition, "{msg}");
-    // Larger than the snapshot: refused (a clone keeps its source's size).
+    // Larger than the snapshot: the snapshot's data, then zeros; the extra region is the
+    // new volume's own.
     let mut big = from_snapshot("pvc-big", &s.snapshot_id, "0");
     big.capacity_range = Some(c::CapacityRange {
         required_bytes: 8 * MIB,
         limit_bytes: 0,
     });
+    let big = cl
+        .block_on(ctl.create_volume(big))
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(big.capacity_bytes, 8 * MIB);
+    qemu_io(
+        &cl.nbd_of_volume(&big.volume_id),
+        &[
+            "read -P 0xaa 0 1M",
+            "read -P 0 1M 7M",
+            "write -P 0xee 3M 3M",
+            "read -P 0xee 3M 3M",
+        ],
+    );
+    qemu_io(
+        &cl.nbd_of_snapshot(&s.snapshot_id),
+        &["read -P 0xaa 0 1M", "read -P 0 1M 3M"],
+    );
+    // Below the snapshot's size: refused.
+    let mut small = from_snapshot("pvc-small", &s.snapshot_id, "0");
+    small.capacity_range = Some(c::CapacityRange {
+        required_bytes: MIB,
+        limit_bytes: 2 * MIB,
+    });
     assert_eq!(
-        code(cl.block_on(ctl.create_volume(big))).0,
+        code(cl.block_on(ctl.create_volume(small))).0,
         Code::OutOfRange
     );
 
@@ -547,7 +615,13 @@ fn snapshots_restores_and_clones_read_at_once() {
         .unwrap();
     qemu_io(
         &cl.nbd_of_volume(&k.volume_id),
-        &["read -P 0xbb 0 512k", "read -P 0xaa 512k 512k"],
+        &[
+            "read -P 0xbb 0 512k",
+            "read -P 0xaa 512k 512k",
+            "read -P 0 1M 2M",
+            "read -P 0xcc 3M 2M",
+            "read -P 0 5M 1M",
+        ],
     );
     let kid = ids::parse(ids::Kind::Volume, &k.volume_id).unwrap().id;
     let t = Instant::now();
@@ -560,15 +634,21 @@ fn snapshots_restores_and_clones_read_at_once() {
     }
     qemu_io(
         &cl.nbd_of_volume(&k.volume_id),
-        &["read -P 0xbb 0 512k", "read -P 0xaa 512k 512k"],
+        &[
+            "read -P 0xbb 0 512k",
+            "read -P 0xaa 512k 512k",
+            "read -P 0 1M 2M",
+            "read -P 0xcc 3M 2M",
+            "read -P 0 5M 1M",
+        ],
     );
 
     // Snapshot name reused for another source.
     let (got, _) = code(cl.block_on(ctl.create_snapshot(snap_req("snap-1", &k.volume_id))));
     assert_eq!(got, Code::AlreadyExists);
 
-    // Delete the restore (its copy stops), then the snapshot, twice.
-    for id in [&r.volume_id, &r.volume_id] {
+    // Delete the restores (their copies stop), then the snapshot, twice.
+    for id in [&r.volume_id, &r.volume_id, &big.volume_id] {
         cl.block_on(ctl.delete_volume(c::DeleteVolumeRequest {
             volume_id: id.clone(),
             ..Default::default()
@@ -1388,7 +1468,7 @@ fn unknown_ids_and_missing_fields_get_the_spec_codes() {
         .unwrap()
         .into_inner();
     assert!(no.confirmed.is_none() && !no.message.is_empty());
-    // Expand: grows a plain volume; refused while a snapshot exists; no change either way.
+    // Expand: grows a plain volume, and one with a snapshot (which keeps its size).
     let grown = cl
         .block_on(
             ctl.controller_expand_volume(c::ControllerExpandVolumeRequest {
@@ -1428,25 +1508,70 @@ fn unknown_ids_and_missing_fields_get_the_spec_codes() {
         .0,
         Code::ResourceExhausted
     );
-    cl.block_on(ctl.create_snapshot(snap_req("s", &v))).unwrap();
-    let (got, msg) = code(cl.block_on(ctl.controller_expand_volume(
-        c::ControllerExpandVolumeRequest {
-            volume_id: v.clone(),
-            capacity_range: Some(c::CapacityRange {
-                required_bytes: 4 * MIB,
-                limit_bytes: 0,
+    let snap = cl
+        .block_on(ctl.create_snapshot(snap_req("s", &v)))
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let grown = cl
+        .block_on(
+            ctl.controller_expand_volume(c::ControllerExpandVolumeRequest {
+                volume_id: v.clone(),
+                capacity_range: Some(c::CapacityRange {
+                    required_bytes: 3 * MIB + 1,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
             }),
-            ..Default::default()
-        },
-    )));
-    assert_eq!(got, Code::FailedPrecondition, "{msg}");
+        )
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 4 * MIB, "whole MiB");
+    assert!(grown.node_expansion_required);
     let now = cl
         .block_on(ctl.controller_get_volume(c::ControllerGetVolumeRequest { volume_id: v }))
         .unwrap()
         .into_inner()
         .volume
         .unwrap();
-    assert_eq!(now.capacity_bytes, 2 * MIB);
+    assert_eq!(now.capacity_bytes, 4 * MIB);
+    let snap_now = cl
+        .block_on(ctl.get_snapshot(c::GetSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(snap_now.size_bytes, 2 * MIB);
+    // A volume whose size ends inside a grain is copied only at its own size; a larger copy
+    // is refused and leaves nothing behind.
+    let odd = cl
+        .block_on(ctl.create_volume(vol_req("pvc-odd", MIB + 1, MIB + 512)))
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(odd.capacity_bytes, MIB + 512);
+    let agent_vols = cl.agent_volumes("n1").len();
+    let mut bigger = from_volume("pvc-odd-big", &odd.volume_id);
+    bigger.capacity_range = Some(c::CapacityRange {
+        required_bytes: 2 * MIB,
+        limit_bytes: 0,
+    });
+    let (got, msg) = code(cl.block_on(ctl.create_volume(bigger)));
+    assert_eq!(got, Code::OutOfRange, "{msg}");
+    assert!(msg.contains("request exactly 1049088 bytes"), "{msg}");
+    assert_eq!(cl.agent_volumes("n1").len(), agent_vols);
+    let same = cl
+        .block_on(ctl.create_volume(from_volume("pvc-odd-copy", &odd.volume_id)))
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(same.capacity_bytes, MIB + 512);
     // Group calls with missing ids.
     let mut g = cl.grp();
     assert_eq!(

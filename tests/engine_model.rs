@@ -1,6 +1,10 @@
 //! Model-based property test: random interleavings of writes, reads, mapping and group commands,
 //! background copy and cleaning steps and restarts, checked after every step against a naive
 //! reference model in which a start takes a full copy of the source.
+//!
+//! Volumes have different sizes and grow and shrink, so mappings join volumes of different sizes:
+//! the model copies the mapped range (the first min(source, target) bytes at mkfcmap, rounded up
+//! to whole grains, zeros past the source's end) and leaves the rest of a larger target alone.
 
 use flashcopy_csi::engine::{
     Engine, EngineError, Event, GrainPlan, GrainSize, GroupId, MapId, MapState, MappingChange,
@@ -15,7 +19,24 @@ use std::sync::Arc;
 const SECTOR: usize = 512;
 /// One full 64 KiB grain and a partial one; a single partial grain at 256 KiB.
 const VOL_SIZE: usize = 96 * 1024;
-const N_VOLS: usize = 10;
+const K: usize = 1024;
+/// Initial sizes: mostly `VOL_SIZE` (sources are drawn mostly from the first three), larger
+/// and smaller ones, grain-aligned or not.
+const SIZES: [usize; 10] = [
+    VOL_SIZE,
+    128 * K,
+    160 * K,
+    VOL_SIZE,
+    64 * K,
+    40 * K + 512,
+    VOL_SIZE,
+    192 * K,
+    VOL_SIZE,
+    128 * K + 512,
+];
+const N_VOLS: usize = SIZES.len();
+/// Writes and reads reach this far (clamped to each volume's size).
+const MAX_SIZE: usize = 256 * K;
 
 #[derive(Clone, Debug)]
 enum Cmd {
@@ -87,6 +108,11 @@ enum Cmd {
         map: usize,
         copy_rate: u8,
     },
+    /// Grow (or shrink) a volume by `delta` bytes.
+    Resize {
+        vol: usize,
+        delta: i64,
+    },
     Reopen,
 }
 
@@ -94,9 +120,9 @@ fn cmd() -> impl Strategy<Value = Cmd> {
     let v = 0..N_VOLS;
     let m = 0..64usize;
     prop_oneof![
-        12 => (prop_oneof![1 => 0..3usize, 1 => v.clone()], 0..VOL_SIZE / SECTOR, 1..=(2 * 64 * 1024 / SECTOR), prop::bool::weighted(0.3))
+        12 => (prop_oneof![1 => 0..3usize, 1 => v.clone()], 0..MAX_SIZE / SECTOR, 1..=(2 * 64 * 1024 / SECTOR), prop::bool::weighted(0.3))
             .prop_map(|(vol, sector, sectors, whole_grain)| Cmd::Write { vol, sector, sectors, whole_grain }),
-        2 => (v.clone(), 0..VOL_SIZE / SECTOR, 1..=(2 * 64 * 1024 / SECTOR))
+        2 => (v.clone(), 0..MAX_SIZE / SECTOR, 1..=(2 * 64 * 1024 / SECTOR))
             .prop_map(|(vol, sector, sectors)| Cmd::Read { vol, sector, sectors }),
         5 => (prop_oneof![3 => 0..2usize, 1 => v.clone()], v.clone(), prop_oneof![3 => Just(0u8), 1 => Just(150u8)], prop::bool::weighted(0.2))
             .prop_map(|(src, tgt, copy_rate, incremental)| Cmd::Snap { src, tgt, copy_rate, incremental }),
@@ -115,6 +141,8 @@ fn cmd() -> impl Strategy<Value = Cmd> {
         1 => (0..4usize, any::<bool>()).prop_map(|(group, force)| Cmd::StopGroup { group, force }),
         4 => (m.clone(), 1..4usize).prop_map(|(map, steps)| Cmd::Background { map, steps }),
         1 => (m, prop_oneof![Just(0u8), Just(150u8)]).prop_map(|(map, copy_rate)| Cmd::Rate { map, copy_rate }),
+        2 => (v.clone(), prop_oneof![Just(64 * 1024i64), Just(32 * 1024), Just(512), Just(32 * 1024 + 512), Just(-32 * 1024)])
+            .prop_map(|(vol, delta)| Cmd::Resize { vol, delta }),
         1 => Just(Cmd::Reopen),
     ]
 }
@@ -127,14 +155,34 @@ struct Model {
 }
 
 impl Model {
-    fn undefine(&mut self, v: VolId) {
-        self.defined.get_mut(&v).unwrap().fill(false);
+    /// The target's bytes in the mapped range become unknown (a stopped or preparing target).
+    fn undefine(&mut self, v: VolId, mapped: usize) {
+        let d = self.defined.get_mut(&v).unwrap();
+        let end = (mapped / SECTOR).min(d.len());
+        d[..end].fill(false);
     }
-    fn copy(&mut self, from: VolId, to: VolId) {
-        let d = self.data[&from].clone();
-        let m = self.defined[&from].clone();
-        self.data.insert(to, d);
-        self.defined.insert(to, m);
+    /// A start: the target's mapped range becomes the source's image, zeros past its end.
+    fn copy(&mut self, from: VolId, to: VolId, mapped: usize) {
+        let end = mapped.min(self.data[&to].len());
+        let (src, def) = (self.data[&from].clone(), self.defined[&from].clone());
+        let data = self.data.get_mut(&to).unwrap();
+        for (i, b) in data[..end].iter_mut().enumerate() {
+            *b = src.get(i).copied().unwrap_or(0);
+        }
+        let d = self.defined.get_mut(&to).unwrap();
+        for (s, x) in d[..end / SECTOR].iter_mut().enumerate() {
+            *x = def.get(s).copied().unwrap_or(true);
+        }
+    }
+    fn resize(&mut self, v: VolId, size: usize) {
+        self.data.get_mut(&v).unwrap().resize(size, 0);
+        self.defined
+            .get_mut(&v)
+            .unwrap()
+            .resize(size / SECTOR, true);
+    }
+    fn size(&self, v: VolId) -> usize {
+        self.data[&v].len()
     }
 }
 
@@ -167,12 +215,10 @@ impl World {
             data: BTreeMap::new(),
             defined: BTreeMap::new(),
         };
-        for i in 0..N_VOLS {
-            let v = pool
-                .create_volume(&format!("v{i}"), VOL_SIZE as u64)
-                .unwrap();
-            model.data.insert(v, vec![0; VOL_SIZE]);
-            model.defined.insert(v, vec![true; VOL_SIZE / SECTOR]);
+        for (i, size) in SIZES.into_iter().enumerate() {
+            let v = pool.create_volume(&format!("v{i}"), size as u64).unwrap();
+            model.data.insert(v, vec![0; size]);
+            model.defined.insert(v, vec![true; size / SECTOR]);
             vols.push(v);
         }
         World {
@@ -210,10 +256,13 @@ impl World {
                     .cloned()
                     .or(now)
                     .expect("mapping known");
+                let mapped = (m.grains() * m.grain.bytes()) as usize;
                 match (from, to) {
-                    (MapState::Prepared, MapState::Copying) => self.model.copy(m.source, m.target),
+                    (MapState::Prepared, MapState::Copying) => {
+                        self.model.copy(m.source, m.target, mapped)
+                    }
                     (_, MapState::Preparing) | (_, MapState::Stopped) => {
-                        self.model.undefine(m.target)
+                        self.model.undefine(m.target, mapped)
                     }
                     _ => {}
                 }
@@ -246,13 +295,14 @@ impl World {
                 whole_grain,
             } => {
                 let v = self.vols[vol];
+                let size = self.model.size(v);
                 let (off, len) = if whole_grain {
                     let g = 64 * 1024;
-                    let off = (sector * SECTOR) / g * g;
-                    (off, (g).min(VOL_SIZE - off))
+                    let off = (sector * SECTOR % size) / g * g;
+                    (off, (g).min(size - off))
                 } else {
-                    let off = sector * SECTOR;
-                    (off, (sectors * SECTOR).min(VOL_SIZE - off))
+                    let off = sector * SECTOR % size;
+                    (off, (sectors * SECTOR).min(size - off))
                 };
                 self.writes = self.writes.wrapping_add(1).max(1);
                 let data = vec![self.writes; len];
@@ -272,8 +322,9 @@ impl World {
                 sectors,
             } => {
                 let v = self.vols[vol];
-                let off = sector * SECTOR;
-                let len = (sectors * SECTOR).min(VOL_SIZE - off);
+                let size = self.model.size(v);
+                let off = sector * SECTOR % size;
+                let len = (sectors * SECTOR).min(size - off);
                 let mut buf = vec![0u8; len];
                 match self.pool.read(v, off as u64, &mut buf) {
                     Ok(()) => {
@@ -413,6 +464,17 @@ impl World {
                 let after = self.pool.engine().clone();
                 Ok(Self::diff_events(&before, &after))
             }
+            Cmd::Resize { vol, delta } => {
+                let v = self.vols[vol];
+                let size = (self.model.size(v) as i64 + delta).max(512) as usize;
+                match self.pool.resize_volume(v, size as u64) {
+                    Ok(()) => {
+                        self.model.resize(v, size);
+                        Ok(vec![])
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             Cmd::Reopen => {
                 let engine_before = self.pool.engine().clone();
                 // Drop the pool first: a restarted agent finds only what was made durable.
@@ -439,6 +501,14 @@ impl World {
             let ok = if res.is_ok() { "ok" } else { "err" };
             let mut st = STATS.lock().unwrap();
             *st.entry(format!("{k}-{ok}")).or_default() += 1;
+            // How often mappings join volumes of different sizes while active.
+            let e = self.pool.engine();
+            let size = |v| e.volume(v).map_or(0, |v| v.size);
+            let unequal = e
+                .mappings()
+                .filter(|m| m.state.is_active() && size(m.source) != size(m.target))
+                .count();
+            *st.entry("active-unequal-mappings".into()).or_default() += unequal;
             let e = self.pool.engine();
             for m in e.mappings() {
                 *st.entry(format!("state-{}", m.state)).or_default() += 1;
@@ -552,7 +622,8 @@ impl World {
                 let Some((dom, gs)) = e.lock_domain(v) else {
                     continue;
                 };
-                for g in 0..(VOL_SIZE as u64).div_ceil(gs.bytes()) {
+                let size = e.volume(v).map_or(0, |x| x.size);
+                for g in 0..size.div_ceil(gs.bytes()) {
                     for whole in [false, true] {
                         valid(
                             &format!("a write to {v} grain {g}"),
@@ -572,8 +643,8 @@ impl World {
                 }
             }
         }
-        let mut buf = vec![0u8; VOL_SIZE];
         for &v in &self.vols {
+            let mut buf = vec![0u8; self.model.size(v)];
             match self.pool.read(v, 0, &mut buf) {
                 Ok(()) => {
                     let want = &self.model.data[&v];

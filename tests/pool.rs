@@ -52,6 +52,39 @@ fn a_restarted_pool_has_every_volume_mapping_and_byte() {
         let s = read_all(&pool, src);
         assert!(s[4096..304_096].iter().all(|b| *b == 2) && s[..4096].iter().all(|b| *b == 1));
     }
+    // Volumes of different sizes: the source grows under its snapshot, and a larger snapshot
+    // of it maps the 3 MiB the source has then; the mappings keep their lengths across a
+    // restart and every volume reads its own image and size.
+    let big = {
+        let pool = Pool::open_dir(dir.path(), PoolConfig::default()).unwrap();
+        pool.resize_volume(src, 3 * MIB).unwrap();
+        pool.write(src, 2 * MIB, &vec![3; MIB as usize]).unwrap();
+        let big = pool.create_volume("big", 4 * MIB).unwrap();
+        snapshot(&pool, src, big);
+        for v in [src, snap, big] {
+            pool.flush(v).unwrap();
+        }
+        big
+    };
+    let mut src_image = vec![1; 3 * MIB as usize];
+    src_image[4096..304_096].fill(2);
+    src_image[2 * MIB as usize..].fill(3);
+    let mut big_image = src_image.clone();
+    big_image.resize(4 * MIB as usize, 0);
+    for round in 0..2 {
+        let pool = Pool::open_dir(dir.path(), PoolConfig::default()).unwrap();
+        let grains: Vec<u64> = pool.engine().mappings().map(|m| m.grains()).collect();
+        assert_eq!(grains, vec![32, 48], "64 KiB grains over 2 MiB and 3 MiB");
+        assert_eq!(read_all(&pool, snap), vec![1; 2 * MIB as usize]);
+        assert_eq!(read_all(&pool, big), big_image);
+        assert_eq!(read_all(&pool, src), src_image);
+        if round == 0 {
+            // Writes after the restart move the old data to the right snapshot.
+            pool.write(src, 0, &vec![9; 3 * MIB as usize]).unwrap();
+            src_image.fill(9);
+            pool.flush(src).unwrap();
+        }
+    }
 }
 
 fn flip_byte(path: &Path, at: u64) {
@@ -223,4 +256,36 @@ fn concurrent_first_writes_share_syncs() {
         vec![9; 8 * MIB as usize],
         "the snapshot kept its point in time"
     );
+}
+
+/// A restore onto a source that grew since the snapshot: the snapshot's range (its size) is
+/// restored, the grown region keeps its data, and a snapshot taken before the restore keeps
+/// the source's image, grown region included.
+#[test]
+fn a_restore_onto_a_grown_source_restores_the_snapshots_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::open_dir(dir.path(), PoolConfig::default()).unwrap();
+    let src = pool.create_volume("src", 2 * MIB).unwrap();
+    let snap = pool.create_volume("snap", 2 * MIB).unwrap();
+    let before = pool.create_volume("before", 3 * MIB).unwrap();
+    pool.write(src, 0, &vec![1; 2 * MIB as usize]).unwrap();
+    snapshot(&pool, src, snap);
+    pool.resize_volume(src, 3 * MIB).unwrap();
+    pool.write(src, 0, &vec![2; 3 * MIB as usize]).unwrap();
+    snapshot(&pool, src, before);
+    let mut spec = MappingSpec::snapshot(snap, src);
+    spec.grain = Some(GrainSize::K64);
+    let restore = pool.create_mapping(spec).unwrap();
+    pool.start_mapping(restore, true, true).unwrap();
+    let mut want = vec![1; 2 * MIB as usize];
+    want.resize(3 * MIB as usize, 2);
+    assert_eq!(read_all(&pool, src), want);
+    assert_eq!(read_all(&pool, snap), vec![1; 2 * MIB as usize]);
+    assert_eq!(read_all(&pool, before), vec![2; 3 * MIB as usize]);
+    // Writes after the restore reach only the source.
+    pool.write(src, MIB, &vec![3; 2 * MIB as usize]).unwrap();
+    want[MIB as usize..].fill(3);
+    assert_eq!(read_all(&pool, src), want);
+    assert_eq!(read_all(&pool, snap), vec![1; 2 * MIB as usize]);
+    assert_eq!(read_all(&pool, before), vec![2; 3 * MIB as usize]);
 }

@@ -92,6 +92,7 @@ fn classify_engine(e: &EngineError) -> (Code, &'static str) {
         E::InvalidSize(_) => (InvalidArgument, "InvalidSize"),
         E::InvalidRate(_) => (InvalidArgument, "InvalidRate"),
         E::SizeMismatch { .. } => (InvalidArgument, "SizeMismatch"),
+        E::GrowInsideGrain { .. } => (FailedPrecondition, "GrowInsideGrain"),
         E::SameVolume(_) => (InvalidArgument, "SameVolume"),
         E::GrainSizeConflict { .. } => (InvalidArgument, "GrainSizeConflict"),
         E::NameWithOtherChanges => (InvalidArgument, "NameWithOtherChanges"),
@@ -156,14 +157,14 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (
-                EngineError::SizeMismatch {
-                    src: VolId(1),
-                    source_size: 1,
-                    target: VolId(2),
-                    target_size: 2,
+                EngineError::GrowInsideGrain {
+                    vol: VolId(1),
+                    size: 1536,
+                    map: MapId(1),
+                    grain: 65536,
                 }
                 .into(),
-                Code::InvalidArgument,
+                Code::FailedPrecondition,
             ),
             (EngineError::TooManyMaps(1).into(), Code::ResourceExhausted),
             (

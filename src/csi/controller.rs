@@ -311,7 +311,8 @@ impl ControllerService {
 }
 
 /// The size for a new volume (K8S-SNAPSHOTS.md §B.5): at least `required`, at most `limit`
-/// (0 = unset); with a source, exactly the source's size.
+/// (0 = unset); with a source, at least the source's size (a larger copy reads the source's
+/// data followed by zeros).
 pub fn choose_size(
     range: Option<&csi::CapacityRange>,
     source: Option<u64>,
@@ -334,14 +335,11 @@ pub fn choose_size(
                 "limit_bytes {lim} is below the source's size {src}"
             )));
         }
-        if req > src {
-            return Err(CsiError::OutOfRange(format!(
-                "required_bytes {req} is above the source's size {src}: a clone or restore has its source's size (expand it once the copy is done)"
-            )));
+        if req <= src {
+            return Ok(src);
         }
-        return Ok(src);
+        return fit_size(req, lim);
     }
-    const MIB: u64 = 1 << 20;
     let want = if req > 0 {
         req
     } else if lim > 0 {
@@ -349,7 +347,20 @@ pub fn choose_size(
     } else {
         DEFAULT_VOLUME_BYTES
     };
-    // Whole MiB when the range allows it (file systems like aligned sizes), else sectors.
+    fit_size(want, lim).and_then(|size| {
+        if size < req.max(1) {
+            Err(no_fit(req, lim))
+        } else {
+            Ok(size)
+        }
+    })
+}
+
+/// `want` rounded up to whole MiB when `limit` (0 = unset) allows it (file systems like
+/// aligned sizes, and FlashCopy maps volumes of different sizes only in whole grains), else
+/// to sectors.
+fn fit_size(want: u64, lim: u64) -> Result<u64, CsiError> {
+    const MIB: u64 = 1 << 20;
     let mut size = want.div_ceil(MIB) * MIB;
     if lim > 0 && size > lim {
         size = want.div_ceil(512) * 512;
@@ -357,12 +368,16 @@ pub fn choose_size(
     if lim > 0 && size > lim {
         size = lim / 512 * 512;
     }
-    if size < req.max(1) || size == 0 {
-        return Err(CsiError::OutOfRange(format!(
-            "no size that is a multiple of 512 bytes fits required_bytes {req} and limit_bytes {lim}"
-        )));
+    if size == 0 {
+        return Err(no_fit(want, lim));
     }
     Ok(size)
+}
+
+fn no_fit(req: u64, lim: u64) -> CsiError {
+    CsiError::OutOfRange(format!(
+        "no size that is a multiple of 512 bytes fits required_bytes {req} and limit_bytes {lim}"
+    ))
 }
 
 /// Checks capabilities: malformed ones are INVALID_ARGUMENT (`Err`), unsupported ones are
@@ -706,6 +721,17 @@ impl ControllerService {
                     }
                     Err(s) => {
                         // Leave nothing half made: the mapping (if any) and the volume go.
+                        let e = if s.code() == Code::InvalidArgument
+                            && s.message().contains("CMMVC5924E")
+                        {
+                            CsiError::OutOfRange(format!(
+                                "a copy larger than its source needs a source of whole grains; request exactly {} bytes: {}",
+                                from.size_bytes,
+                                s.message()
+                            ))
+                        } else {
+                            CsiError::agent(&node, s)
+                        };
                         let clone = ids::agent_name(ids::CLONE_PREFIX, &r.name);
                         if let Ok(Some(m)) = self.find_mapping(&node, clone).await {
                             let _ = c
@@ -723,7 +749,7 @@ impl ControllerService {
                                 .await;
                         }
                         let _ = self.delete_agent_volume(&node, v.id).await;
-                        Err(CsiError::agent(&node, s))
+                        Err(e)
                     }
                 }
             }
@@ -1283,12 +1309,9 @@ impl Controller for ControllerService {
                 .and_then(|c| c.access_type.as_ref()),
             Some(csi::volume_capability::AccessType::Block(_))
         );
-        let want = (req_b as u64).div_ceil(512) * 512;
-        if lim > 0 && want > lim as u64 {
-            return Err(CsiError::OutOfRange(format!(
-                "no multiple of 512 bytes fits required_bytes {req_b} and limit_bytes {lim}"
-            ))
-            .into());
+        let want = fit_size(req_b as u64, lim as u64)?;
+        if want < req_b as u64 {
+            return Err(no_fit(req_b as u64, lim as u64).into());
         }
         if want <= v.size_bytes {
             return Ok(Response::new(csi::ControllerExpandVolumeResponse {
@@ -1305,8 +1328,10 @@ impl Controller for ControllerService {
             })
             .await
             .map_err(|s| match s.code() {
+                // Snapshots do not stop a volume from growing (they keep their size); a clone
+                // still copying into a size that ends inside a grain does.
                 Code::FailedPrecondition => CsiError::FailedPrecondition(format!(
-                    "volume {} cannot grow while FlashCopy mappings use it (snapshots, clones being copied): {}",
+                    "volume {} cannot grow now: {}",
                     r.volume_id,
                     s.message()
                 )),
@@ -1408,10 +1433,23 @@ mod tests {
             choose_size(Some(&range(0, MIB as i64)), Some(8 * MIB)),
             Err(CsiError::OutOfRange(_))
         ));
-        assert!(matches!(
-            choose_size(Some(&range(9 * MIB as i64, 0)), Some(8 * MIB)),
-            Err(CsiError::OutOfRange(_))
-        ));
+        // Larger than the source: the requested size, rounded as without a source.
+        assert_eq!(
+            choose_size(Some(&range(9 * MIB as i64, 0)), Some(8 * MIB)).unwrap(),
+            9 * MIB
+        );
+        assert_eq!(
+            choose_size(Some(&range(8 * MIB as i64 + 1, 0)), Some(8 * MIB)).unwrap(),
+            9 * MIB
+        );
+        assert_eq!(
+            choose_size(
+                Some(&range(8 * MIB as i64 + 1, 8 * MIB as i64 + 512)),
+                Some(8 * MIB)
+            )
+            .unwrap(),
+            8 * MIB + 512
+        );
     }
 
     #[test]

@@ -22,11 +22,23 @@ impl Bitmap {
     pub fn ones(len: u64) -> Self {
         Self(bitvec![u64, Lsb0; 1; len as usize])
     }
-    /// self |= a & b (same lengths).
+    /// Word `w` with every bit past the end set. Mappings of one cascade may map different
+    /// numbers of grains (volumes of different sizes); a split bitmap reads as set past its end
+    /// because its target owns every grain beyond the mapped range.
+    fn word_ext(&self, w: usize) -> u64 {
+        let len = self.0.len();
+        let lo = w * 64;
+        match self.0.as_raw_slice().get(w) {
+            Some(&word) if lo + 64 <= len => word,
+            Some(&word) if lo < len => word | (!0u64 << (len - lo)),
+            _ => !0,
+        }
+    }
+    /// self |= a & b; `a` has self's length, `b` reads as set past its end.
     pub fn or_and(&mut self, a: &Bitmap, b: &Bitmap) {
-        let (a, b) = (a.0.as_raw_slice(), b.0.as_raw_slice());
+        let a = a.0.as_raw_slice();
         for (i, w) in self.0.as_raw_mut_slice().iter_mut().enumerate() {
-            *w |= a[i] & b[i];
+            *w |= a[i] & b.word_ext(i);
         }
     }
     /// self |= other (same lengths).
@@ -40,15 +52,10 @@ impl Bitmap {
             *w |= *o;
         }
     }
-    /// self &= !other (same lengths).
+    /// self &= !other; `other` reads as set past its end.
     pub fn and_not(&mut self, other: &Bitmap) {
-        for (w, o) in self
-            .0
-            .as_raw_mut_slice()
-            .iter_mut()
-            .zip(other.0.as_raw_slice())
-        {
-            *w &= !*o;
+        for (i, w) in self.0.as_raw_mut_slice().iter_mut().enumerate() {
+            *w &= !other.word_ext(i);
         }
     }
     /// Number of bits.
@@ -106,15 +113,11 @@ impl Bitmap {
         let inv = !std::mem::take(&mut self.0);
         self.0 = inv;
     }
-    /// Sets every bit that is clear in `other` (self |= !other).
+    /// Sets every bit that is clear in `other` (self |= !other); `other` reads as set past
+    /// its end.
     pub fn or_not(&mut self, other: &Bitmap) {
-        for (a, b) in self
-            .0
-            .as_raw_mut_slice()
-            .iter_mut()
-            .zip(other.0.as_raw_slice())
-        {
-            *a |= !*b;
+        for (i, a) in self.0.as_raw_mut_slice().iter_mut().enumerate() {
+            *a |= !other.word_ext(i);
         }
         // Bits past the logical end stay meaningless; BitVec ignores them.
     }
@@ -127,9 +130,11 @@ impl Bitmap {
             .or_else(|| self.0[..from].first_zero().map(|i| i as u64))
     }
     /// The last bit `<= from` (wrapping once, downwards) that is set here and clear in `other`.
+    /// Both read as set past their ends, so the scan covers `other`'s length.
     pub fn prev_set_and_clear_in(&self, other: &Bitmap, from: u64) -> Option<u64> {
-        let (a, b) = (self.0.as_raw_slice(), other.0.as_raw_slice());
-        scan_down(self.0.len(), from, |w| a[w] & !b[w])
+        scan_down(other.0.len(), from, |w| {
+            self.word_ext(w) & !other.word_ext(w)
+        })
     }
     /// The last clear bit `<= from`, wrapping once, downwards.
     pub fn prev_zero(&self, from: u64) -> Option<u64> {
@@ -360,6 +365,27 @@ mod tests {
         assert_eq!(a.prev_set_and_clear_in(&b, 2), Some(199));
         b.fill(true);
         assert_eq!(a.prev_set_and_clear_in(&b, 199), None);
+    }
+
+    #[test]
+    fn shorter_operands_read_as_set_past_their_end() {
+        let mut short = Bitmap::zeros(70);
+        short.set(3);
+        let long = Bitmap::zeros(130);
+        // Set here (past the end of `short`) and clear in `long`: 129 down to 70, then 3.
+        assert_eq!(short.prev_set_and_clear_in(&long, u64::MAX), Some(129));
+        assert_eq!(short.prev_set_and_clear_in(&long, 69), Some(3));
+        // Past the end of `long` nothing is clear in it.
+        assert_eq!(long.prev_set_and_clear_in(&short, u64::MAX), None);
+        let mut open = Bitmap::ones(130);
+        open.and_not(&short);
+        assert_eq!(open.count_ones(), 69, "grains 0..70 except 3 stay open");
+        let mut out = Bitmap::zeros(130);
+        out.or_and(&Bitmap::ones(130), &short);
+        assert_eq!(out.count_ones(), 61);
+        let mut diff = Bitmap::zeros(130);
+        diff.or_not(&short);
+        assert_eq!(diff.count_ones(), 69);
     }
 
     #[test]

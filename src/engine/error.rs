@@ -28,12 +28,14 @@ pub enum EngineError {
     /// Volume sizes must be positive multiples of 512 bytes.
     #[error("invalid volume size {0}: must be a positive multiple of 512 bytes")]
     InvalidSize(u64),
-    /// A volume that belongs to a mapping cannot be deleted or resized.
+    /// A volume that belongs to a mapping cannot be deleted or shrunk.
     #[error("volume {0} belongs to mapping {1}: delete the mapping first")]
     VolumeInUse(VolId, MapId),
-    /// CMMVC5924E: source and target must have the same size.
+    /// CMMVC5924E, relaxed: volumes of different sizes may be mapped only when the smaller one
+    /// is a whole number of grains (a reader never continues through a volume that ends
+    /// inside the grain it reads).
     #[error(
-        "CMMVC5924E source {src} has {source_size} bytes but target {target} has {target_size}: sizes must be equal"
+        "CMMVC5924E source {src} has {source_size} bytes but target {target} has {target_size}: volumes of different sizes can be mapped only when the smaller one is a whole number of {grain}-byte grains"
     )]
     SizeMismatch {
         /// Source volume.
@@ -44,6 +46,22 @@ pub enum EngineError {
         target: VolId,
         /// Its size.
         target_size: u64,
+        /// Grain size in bytes.
+        grain: u64,
+    },
+    /// A target that ends inside the last grain of its mapping's range cannot grow.
+    #[error(
+        "volume {vol} ({size} bytes) ends inside the last {grain}-byte grain mapped by {map}: it can grow only after the mapping is deleted"
+    )]
+    GrowInsideGrain {
+        /// Volume.
+        vol: VolId,
+        /// Its size.
+        size: u64,
+        /// The mapping whose range ends past the volume.
+        map: MapId,
+        /// Grain size in bytes.
+        grain: u64,
     },
     /// CMMVC6303E: source and target are the same volume.
     #[error("CMMVC6303E source and target are the same volume {0}")]

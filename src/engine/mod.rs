@@ -120,13 +120,19 @@ pub struct Mapping {
 }
 
 impl Mapping {
-    /// Number of grains.
+    /// Number of grains of the mapped range: the first `min(source size, target size)` bytes
+    /// when the mapping was created, rounded up to whole grains.
     pub fn grains(&self) -> u64 {
         self.split.len()
     }
     /// Whether grain `g` is split (the target holds its own data).
     pub fn is_split(&self, g: u64) -> bool {
         self.split.get(g)
+    }
+    /// Whether the target reads its own data at grain `g`: the grain is split, or lies past
+    /// the mapped range (a target larger than its source owns the rest).
+    pub fn owns(&self, g: u64) -> bool {
+        g >= self.split.len() || self.split.get(g)
     }
     /// Split grains.
     pub fn split_count(&self) -> u64 {
@@ -154,9 +160,13 @@ impl Mapping {
     pub fn upstream(&self) -> Option<VolId> {
         self.link.map(|l| l.up)
     }
-    /// Bitmap bytes this mapping is charged.
-    pub fn bitmap_bytes(&self, size: u64) -> u64 {
-        bitmap_bytes(size, self.grain, self.incremental)
+    /// Bitmap bytes this mapping is charged (for its mapped range).
+    pub fn bitmap_bytes(&self) -> u64 {
+        bitmap_bytes(
+            self.grains() * self.grain.bytes(),
+            self.grain,
+            self.incremental,
+        )
     }
 }
 
@@ -190,7 +200,7 @@ pub enum Op {
         /// Volume.
         id: VolId,
     },
-    /// Resize a volume that no mapping uses.
+    /// Resize a volume. One that mappings use may only grow (see [`Mapping::grains`]).
     ResizeVolume {
         /// Volume.
         id: VolId,

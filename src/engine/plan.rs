@@ -191,7 +191,7 @@ impl Engine {
                 return v;
             };
             let m = &self.mappings[&up];
-            if through != Some(up) || m.split.get(g) {
+            if through != Some(up) || m.owns(g) {
                 return v;
             }
             let link = m.link.expect("a volume's up mapping is linked");
@@ -218,7 +218,7 @@ impl Engine {
     ) {
         for &d in &self.volumes[&vol].downs {
             let dm = &self.mappings[&d];
-            if dm.split.get(g) || seen.contains(&d) {
+            if dm.owns(g) || seen.contains(&d) {
                 continue;
             }
             let from = self.view(vol, g, dm.link.expect("downs are linked").through);
@@ -238,7 +238,7 @@ impl Engine {
     /// (§3.5, §3.6). Call with the grain lock held exclusively.
     pub fn plan_write(&self, vol: VolId, g: u64, whole: bool) -> GrainPlan {
         let v = &self.volumes[&vol];
-        let own = v.up.filter(|m| !self.mappings[m].split.get(g));
+        let own = v.up.filter(|m| !self.mappings[m].owns(g));
         let mut plan = GrainPlan {
             grain: g,
             visible: own.is_none(),
@@ -250,7 +250,7 @@ impl Engine {
             plan.push_copy(self.resolve(vol, g), vol);
         }
         for m in v.recorders.iter().map(|id| &self.mappings[id]) {
-            if m.recording && m.diff.as_ref().is_some_and(|d| !d.get(g)) {
+            if m.recording && g < m.grains() && m.diff.as_ref().is_some_and(|d| !d.get(g)) {
                 plan.marks.push(Op::MarkDiff {
                     map: m.id,
                     grain: g,
@@ -267,7 +267,7 @@ impl Engine {
     /// copy, cleaning). `None` when the grain is already split or the mapping is not linked.
     fn plan_materialize(&self, map: MapId, g: u64) -> Option<GrainPlan> {
         let m = &self.mappings[&map];
-        if m.link.is_none() || m.split.get(g) {
+        if m.link.is_none() || m.owns(g) {
             return None;
         }
         let mut plan = GrainPlan {
@@ -295,7 +295,7 @@ impl Engine {
     /// Whether dependant `d` of stopping mapping `map` still needs grain data from its target:
     /// the target holds the grain, or `d` reads the target's physical data directly.
     fn clean_needed(&self, t: &Mapping, d: &Mapping, g: u64) -> bool {
-        !d.split.get(g) && (t.split.get(g) || d.link.unwrap().through != Some(t.id))
+        !d.owns(g) && (t.owns(g) || d.link.unwrap().through != Some(t.id))
     }
 
     /// Whether a stopping mapping still has grains its dependants need (§3.7).
@@ -303,15 +303,17 @@ impl Engine {
         let Some(m) = self.mappings.get(&map) else {
             return false;
         };
-        let (Some(_), n) = (m.link, m.grains()) else {
+        if m.link.is_none() {
             return false;
-        };
+        }
+        // A dependant may map more grains than this mapping (its source, this target, is
+        // larger): past this mapping's range the target owns its data, so those count as split.
         self.volumes[&m.target].downs.iter().any(|d| {
             let dm = &self.mappings[d];
             if dm.link.unwrap().through != Some(map) {
                 !dm.split.all()
             } else {
-                n > 0 && m.split.prev_set_and_clear_in(&dm.split, n - 1).is_some()
+                m.split.prev_set_and_clear_in(&dm.split, u64::MAX).is_some()
             }
         })
     }
@@ -445,12 +447,22 @@ impl Engine {
         // they were linked) must keep reading it and stay. A mapping with background copy (a
         // clone, a restore) takes over no one: it is meant to complete, and a copy-rate-0
         // snapshot reading through it would keep it from ever completing.
+        // Only mappings whose reads the new target holds move: their range within the new
+        // one's, and no byte they read past the new target's end (a source that grew since
+        // they started is mapped further by the new one; never the reverse).
         let takes_over = self.mappings[&id].copy_rate == 0;
-        let src_up = self.volumes[&src].up;
+        let (src_up, tgt_size) = (self.volumes[&src].up, self.volumes[&tgt].size);
         let downs = std::mem::take(&mut self.volumes.get_mut(&src).unwrap().downs);
-        let (moved, kept): (Vec<MapId>, Vec<MapId>) = downs
-            .into_iter()
-            .partition(|d| takes_over && self.mappings[d].link.unwrap().through == src_up);
+        let (moved, kept): (Vec<MapId>, Vec<MapId>) = downs.into_iter().partition(|d| {
+            let dm = &self.mappings[d];
+            let reads = self.volumes[&dm.target]
+                .size
+                .min(dm.grains() * dm.grain.bytes());
+            takes_over
+                && dm.link.unwrap().through == src_up
+                && dm.grains() <= n
+                && reads <= tgt_size
+        });
         for d in &moved {
             self.mappings.get_mut(d).unwrap().link = Some(Link {
                 up: tgt,

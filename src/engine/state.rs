@@ -368,13 +368,7 @@ impl Engine {
     pub fn check_volume_op(&self, op: &Op) -> Result<(), EngineError> {
         match op {
             Op::CreateVolume { id, name, size } => self.check_create_volume(*id, name, *size),
-            Op::ResizeVolume { id, size } => {
-                self.volume_unused(*id)?;
-                if *size == 0 || size % SECTOR != 0 {
-                    return Err(EngineError::InvalidSize(*size));
-                }
-                Ok(())
-            }
+            Op::ResizeVolume { id, size } => self.check_resize(*id, *size),
             Op::DeleteVolume { id } => self.volume_unused(*id).map(|_| ()),
             _ => Ok(()),
         }
@@ -410,6 +404,36 @@ impl Engine {
         };
         self.volumes.insert(id, v);
         Ok(())
+    }
+
+    /// A volume that mappings use may grow but not shrink: every mapping keeps the range it
+    /// mapped when it was created, and bytes past it are the target's own (FLASHCOPY.md §1.1
+    /// extension: volumes of different sizes). A volume that ends inside the last grain of a
+    /// range it is the target of may not grow, as the grown bytes of that grain would show the
+    /// source's data until split and zeros after.
+    fn check_resize(&self, id: VolId, size: u64) -> Result<(), EngineError> {
+        let v = self.volumes.get(&id).ok_or(EngineError::NoSuchVolume(id))?;
+        if size == 0 || !size.is_multiple_of(SECTOR) {
+            return Err(EngineError::InvalidSize(size));
+        }
+        if size < v.size {
+            return self.volume_unused(id).map(|_| ());
+        }
+        if size == v.size {
+            return Ok(());
+        }
+        match self
+            .mappings_of(id)
+            .find(|m| m.target == id && m.grains() * m.grain.bytes() > v.size)
+        {
+            Some(m) => Err(EngineError::GrowInsideGrain {
+                vol: id,
+                size: v.size,
+                map: m.id,
+                grain: m.grain.bytes(),
+            }),
+            None => Ok(()),
+        }
     }
 
     fn volume_unused(&self, id: VolId) -> Result<&Volume, EngineError> {
@@ -479,14 +503,6 @@ impl Engine {
         if spec.source == spec.target {
             return Err(EngineError::SameVolume(spec.source));
         }
-        if src.size != tgt.size {
-            return Err(EngineError::SizeMismatch {
-                src: src.id,
-                source_size: src.size,
-                target: tgt.id,
-                target_size: tgt.size,
-            });
-        }
         check_rate(spec.copy_rate)?;
         check_rate(spec.clean_rate)?;
         let name = spec.name.clone().unwrap_or_else(|| id.to_string());
@@ -542,7 +558,22 @@ impl Engine {
                 return Err(EngineError::GroupFull(g, grp.members.len()));
             }
         }
-        let need = bitmap_bytes(src.size, grain, spec.incremental);
+        // The mapped range (an extension of FlashCopy, which needs equal sizes): the first
+        // min(source, target) bytes, rounded up to whole grains; a larger target owns
+        // everything past the range. Only equal sizes may end inside a grain: a larger reader
+        // would otherwise read through bytes past the smaller volume's end, which its store
+        // does not hold.
+        let mapped = src.size.min(tgt.size);
+        if src.size != tgt.size && !mapped.is_multiple_of(grain.bytes()) {
+            return Err(EngineError::SizeMismatch {
+                src: src.id,
+                source_size: src.size,
+                target: tgt.id,
+                target_size: tgt.size,
+                grain: grain.bytes(),
+            });
+        }
+        let need = bitmap_bytes(mapped, grain, spec.incremental);
         let free = self
             .limits
             .bitmap_budget_bytes
@@ -555,7 +586,7 @@ impl Engine {
             });
         }
         // All checks passed.
-        let grains = grain.grains(src.size);
+        let grains = grain.grains(mapped);
         let m = Mapping {
             id,
             name,
@@ -721,7 +752,7 @@ impl Engine {
     fn delete_mapping(&mut self, id: MapId, ev: &mut Vec<Event>) {
         let m = self.mappings.remove(&id).unwrap();
         debug_assert!(m.link.is_none());
-        self.bitmap_used -= m.bitmap_bytes(self.volumes[&m.source].size);
+        self.bitmap_used -= m.bitmap_bytes();
         for v in [m.source, m.target] {
             self.volumes.get_mut(&v).unwrap().maps.retain(|x| *x != id);
         }

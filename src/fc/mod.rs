@@ -89,7 +89,8 @@ pub enum Verb {
         /// Source volume (id or name).
         #[arg(long)]
         source: String,
-        /// Target volume (id or name), the same size as the source.
+        /// Target volume (id or name); if its size differs from the source's, the smaller
+        /// one must be a whole number of grains (the mapping covers the smaller size).
         #[arg(long)]
         target: String,
         /// Name [default: fcmapN, N being its id].

@@ -105,7 +105,7 @@ impl Pool {
         plan: impl Fn(&crate::engine::Engine, u64) -> Option<crate::engine::GrainPlan>,
     ) -> Result<Step, VolumeError> {
         let _gate = self.gate.read();
-        let (domain, gb, size) = {
+        let (domain, gb, grains) = {
             let e = self.engine.read();
             let m = e
                 .mapping(map)
@@ -116,15 +116,10 @@ impl Pool {
             let Some((domain, _)) = e.lock_domain(m.target) else {
                 return Ok(Step::Idle);
             };
-            (
-                domain,
-                m.grain.bytes(),
-                e.volume(m.target).map_or(0, |v| v.size),
-            )
+            (domain, m.grain.bytes(), m.grains())
         };
         let (mut marks, mut dirty, mut bytes) = (Vec::new(), Vec::new(), 0u64);
         let (mut next, mut found) = (cursor, false);
-        let grains = size.div_ceil(gb);
         let run_len = (EXTENT_BYTES / gb).max(1);
         let mut buf = Vec::new();
         while bytes < max_bytes {
@@ -169,19 +164,19 @@ impl Pool {
                     }
                     (_, Some(s)) => {
                         if let Some(e) = extent.take() {
-                            bytes += self.copy_extent(e, gb, size, &mut buf, &mut dirty)?;
+                            bytes += self.copy_extent(e, gb, &mut buf, &mut dirty)?;
                         }
                         extent = Some((s, g, g));
                     }
                     (_, None) => {
-                        let written = self.run_copies(&p, gb, size)?;
-                        bytes += written.len() as u64 * gb.min(size - g * gb);
+                        let (written, n) = self.run_copies(&p, gb)?;
+                        bytes += n;
                         dirty.extend(written);
                     }
                 }
             }
             if let Some(e) = extent.take() {
-                bytes += self.copy_extent(e, gb, size, &mut buf, &mut dirty)?;
+                bytes += self.copy_extent(e, gb, &mut buf, &mut dirty)?;
             }
             let last = *run.last().expect("a run holds at least its first grain");
             if !upwards && last == 0 {
@@ -206,23 +201,23 @@ impl Pool {
         Ok(Step::Copied { next, bytes })
     }
 
-    /// Copies grains `lo..=hi` from one volume to another in one read and one write.
+    /// Copies grains `lo..=hi` from one volume to another in one read and one write: zeros
+    /// past the end of the source store, as much as fits in the target store (a cleaning
+    /// copy may go to a dependant larger than this mapping's target).
     fn copy_extent(
         &self,
         (c, lo, hi): (crate::engine::GrainCopy, u64, u64),
         gb: u64,
-        size: u64,
         buf: &mut Vec<u8>,
         dirty: &mut Vec<std::sync::Arc<dyn crate::store::BlockStore>>,
     ) -> Result<u64, VolumeError> {
         let start = lo * gb;
-        let len = ((hi + 1) * gb).min(size) - start;
-        buf.resize(len as usize, 0);
-        self.store(c.from).read_at(buf, start)?;
+        buf.resize(((hi + 1 - lo) * gb) as usize, 0);
+        super::read_padded(&*self.store(c.from), buf, start)?;
         let to = self.store(c.to);
-        to.write_at(buf, start)?;
+        let n = super::write_clipped(&*to, buf, start)?;
         dirty.push(to);
-        Ok(len)
+        Ok(n)
     }
 
     /// Applies `CopyComplete` when the mapping may complete.

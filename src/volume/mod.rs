@@ -387,7 +387,8 @@ impl Pool {
         .map(|_| ())
     }
 
-    /// Resizes a volume that no mapping uses.
+    /// Resizes a volume. A volume that mappings use may grow (the mappings keep their range;
+    /// see [`crate::engine::Mapping::grains`]) but not shrink.
     pub fn resize_volume(&self, vol: VolId, size: u64) -> Result<(), VolumeError> {
         let _c = self.control.lock();
         let old = self
@@ -821,7 +822,7 @@ impl Pool {
             }
             let _l = self.grain_lock(domain, g).read();
             let from = self.engine.read().resolve(vol, g);
-            self.store(from).read_at(piece, range.start)?;
+            read_padded(&*self.store(from), piece, range.start)?;
         }
         Ok(())
     }
@@ -878,7 +879,7 @@ impl Pool {
         };
         let (mut marks, mut dirty, mut hidden) = (Vec::new(), Vec::new(), Vec::new());
         for ((g, r), plan) in slow.iter().zip(plans) {
-            dirty.extend(self.run_copies(&plan, gb, size)?);
+            dirty.extend(self.run_copies(&plan, gb)?.0);
             self.stats
                 .cow_grains
                 .fetch_add(plan.copies.len() as u64, Ordering::Relaxed);
@@ -915,28 +916,37 @@ impl Pool {
         Ok(self.store(vol).flush()?)
     }
 
-    /// Executes a plan's copies in order; returns the stores written.
+    /// Executes a plan's copies in order; returns the stores written and the bytes copied.
+    /// Volumes of one cascade may differ in size: each copy reads the grain with zeros past
+    /// the source store's end and writes what fits in the target store.
     fn run_copies(
         &self,
         plan: &crate::engine::GrainPlan,
         gb: u64,
-        size: u64,
-    ) -> Result<Vec<Arc<dyn BlockStore>>, VolumeError> {
+    ) -> Result<(Vec<Arc<dyn BlockStore>>, u64), VolumeError> {
         let start = plan.grain * gb;
-        let len = (gb.min(size - start)) as usize;
-        let mut buf = vec![0u8; if plan.copies.is_empty() { 0 } else { len }];
-        let mut dirty = Vec::new();
+        let mut buf = vec![
+            0u8;
+            if plan.copies.is_empty() {
+                0
+            } else {
+                gb as usize
+            }
+        ];
+        let (mut dirty, mut bytes) = (Vec::new(), 0);
         for c in &plan.copies {
             if c.from == c.to {
                 continue;
             }
             let to = self.store(c.to);
-            let res = self.store(c.from).read_at(&mut buf, start);
-            res.and_then(|()| to.write_at(&buf, start))
+            let res = read_padded(&*self.store(c.from), &mut buf, start);
+            let n = res
+                .and_then(|()| write_clipped(&*to, &buf, start))
                 .map_err(|e| self.copy_io(c.to, plan, e))?;
+            bytes += n;
             dirty.push(to);
         }
-        Ok(dirty)
+        Ok((dirty, bytes))
     }
 
     fn commit_marks(
@@ -962,6 +972,35 @@ impl Pool {
         let _gate = self.gate.write();
         self.committer.checkpoint(&self.engine)
     }
+}
+
+/// Reads `buf` from `store` at `offset`, with zeros past the store's end: a mapping between
+/// volumes of different sizes maps whole grains, and the last one may end past the smaller
+/// volume.
+pub(crate) fn read_padded(
+    store: &dyn BlockStore,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<(), StoreError> {
+    let have = store.len().saturating_sub(offset).min(buf.len() as u64) as usize;
+    buf[have..].fill(0);
+    if have > 0 {
+        store.read_at(&mut buf[..have], offset)?;
+    }
+    Ok(())
+}
+
+/// Writes the part of `buf` that lies inside `store` at `offset`; returns the bytes written.
+pub(crate) fn write_clipped(
+    store: &dyn BlockStore,
+    buf: &[u8],
+    offset: u64,
+) -> Result<u64, StoreError> {
+    let n = store.len().saturating_sub(offset).min(buf.len() as u64) as usize;
+    if n > 0 {
+        store.write_at(&buf[..n], offset)?;
+    }
+    Ok(n as u64)
 }
 
 fn log_events(events: &[Event]) {
