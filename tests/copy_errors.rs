@@ -250,35 +250,57 @@ fn a_failed_cleaning_stops_the_mapping_and_its_dependants() {
 }
 
 #[test]
-fn a_store_that_fails_to_flush_refuses_its_own_copies_and_the_pool_goes_on() {
+fn a_target_that_fails_to_flush_stops_its_mapping_and_the_source_write_succeeds() {
     let f = fixture();
     let (src, tgt, other) = (f.vol("src", 1), f.vol("tgt", 0), f.vol("other", 0));
     let m = f.map(src, tgt, 0);
     f.pool.start_mapping(m, true, false).unwrap();
     f.backend.store(tgt).unwrap().fail_flush(true);
 
-    // The preserved grain cannot be made durable: the source write is refused, nothing changed.
-    assert!(matches!(
-        f.pool.write(src, 0, &[2; 512]),
-        Err(VolumeError::Store(_))
-    ));
-    assert_eq!(f.read(src, 0, 512).unwrap(), vec![1; 512]);
-    assert_eq!(f.read(tgt, 0, 512).unwrap(), vec![1; 512]);
-    assert!(!f.pool.engine().mapping(m).unwrap().is_split(0));
-    // The rest of the pool is not poisoned by one disk.
+    // The preserved grain cannot be made durable: as for a failed copy, the mapping stops and
+    // the source write lands.
+    f.pool.write(src, 0, &[2; 512]).unwrap();
+    assert_eq!(f.state(m), MapState::Stopped);
+    assert_eq!(f.read(src, 0, 512).unwrap(), vec![2; 512]);
+    let failures = f.failures.lock().clone();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0].map, m);
+    assert_eq!(failures[0].kind, CopyKind::CopyOnWrite);
+    // One disk does not poison the pool.
     f.pool.write(other, 0, &[5; 512]).unwrap();
     f.pool.create_volume("later", MIB).unwrap();
+}
 
-    // Once the disk is back the write copies the grain again: the failed flush lost that copy
+#[test]
+fn a_volume_that_fails_to_flush_refuses_the_write_and_a_retry_is_durable() {
+    let f = fixture();
+    let (src, tgt, other) = (f.vol("src", 1), f.vol("tgt", 0), f.vol("other", 0));
+    let m = f.map(src, tgt, 0);
+    f.pool.start_mapping(m, true, false).unwrap();
+    f.backend.store(tgt).unwrap().fail_flush(true);
+
+    // A partial write to the snapshot fills its grain from the source first; that cannot be
+    // made durable, so the write is refused and nothing changed.
+    assert!(matches!(
+        f.pool.write(tgt, 100, &[7; 512]),
+        Err(VolumeError::Store(_))
+    ));
+    assert_eq!(f.read(tgt, 0, 1024).unwrap(), vec![1; 1024]);
+    assert!(!f.pool.engine().mapping(m).unwrap().is_split(0));
+    assert_eq!(f.state(m), MapState::Copying);
+    f.pool.write(other, 0, &[5; 512]).unwrap();
+
+    // Once the disk is back the write fills the grain again: the failed flush lost that copy
     // (as Linux may after a writeback error), so only a new one can be durable.
     f.backend.store(tgt).unwrap().fail_flush(false);
-    f.pool.write(src, 0, &[2; 512]).unwrap();
-    assert_eq!(f.read(src, 0, 512).unwrap(), vec![2; 512]);
-    assert_eq!(f.read(tgt, 0, 512).unwrap(), vec![1; 512]);
+    f.pool.write(tgt, 100, &[7; 512]).unwrap();
+    let mut want = vec![1u8; GRAIN as usize];
+    want[100..612].fill(7);
+    assert_eq!(f.read(tgt, 0, GRAIN as usize).unwrap(), want);
     let durable = f.backend.store(tgt).unwrap().durable_image();
-    assert!(
-        durable[..GRAIN as usize].iter().all(|b| *b == 1),
-        "the snapshot's grain survives a crash"
+    assert_eq!(
+        &durable[..GRAIN as usize],
+        &want[..],
+        "the grain survives a crash"
     );
-    assert_eq!(f.state(m), MapState::Copying);
 }

@@ -30,8 +30,31 @@ struct State {
     leading: bool,
     failed: Option<String>,
     /// Batches of finished rounds that failed alone (a data store did not flush), by sequence
-    /// number; their callers take them out.
-    refused: HashMap<u64, StoreError>,
+    /// number: the index of the store in the batch and its error. Their callers take them out.
+    refused: HashMap<u64, (usize, StoreError)>,
+}
+
+/// Why a batch did not commit.
+pub(super) enum CommitError {
+    /// `stores[store]` of the batch failed to flush; nothing of the batch was committed and
+    /// the rest of the pool goes on.
+    Refused {
+        /// Index into the batch's stores.
+        store: usize,
+        /// The store's error.
+        source: StoreError,
+    },
+    /// The pool refuses changes (metadata failure).
+    Pool(VolumeError),
+}
+
+impl From<CommitError> for VolumeError {
+    fn from(e: CommitError) -> Self {
+        match e {
+            CommitError::Refused { source, .. } => VolumeError::Store(source),
+            CommitError::Pool(e) => e,
+        }
+    }
 }
 
 pub(super) struct Committer {
@@ -56,19 +79,29 @@ impl Committer {
 
     /// Returns once `batch` is durable (and, for data ops, applied to `engine`).
     pub fn commit(&self, engine: &RwLock<Engine>, batch: Batch) -> Result<(), VolumeError> {
+        Ok(self.commit_or_refuse(engine, batch)?)
+    }
+
+    /// [`Committer::commit`], telling which store refused the batch.
+    pub fn commit_or_refuse(
+        &self,
+        engine: &RwLock<Engine>,
+        batch: Batch,
+    ) -> Result<(), CommitError> {
+        let poisoned = |e: &String| CommitError::Pool(VolumeError::Poisoned(e.clone()));
         let mut st = self.state.lock();
         if let Some(e) = &st.failed {
-            return Err(VolumeError::Poisoned(e.clone()));
+            return Err(poisoned(e));
         }
         st.enqueued += 1;
         let me = st.enqueued;
         st.queue.push((me, batch));
         loop {
-            if let Some(e) = st.refused.remove(&me) {
-                return Err(VolumeError::Store(e));
+            if let Some((store, source)) = st.refused.remove(&me) {
+                return Err(CommitError::Refused { store, source });
             }
             if let Some(e) = &st.failed {
-                return Err(VolumeError::Poisoned(e.clone()));
+                return Err(poisoned(e));
             }
             if st.done >= me {
                 return Ok(());
@@ -103,7 +136,7 @@ impl Committer {
         &self,
         engine: &RwLock<Engine>,
         batches: Vec<(u64, Batch)>,
-    ) -> Result<HashMap<u64, StoreError>, VolumeError> {
+    ) -> Result<HashMap<u64, (usize, StoreError)>, VolumeError> {
         // Data first: a split bit may only become durable after the grain it vouches for.
         let mut flushed: Vec<(*const (), Option<String>)> = Vec::new();
         for s in batches.iter().flat_map(|(_, b)| &b.stores) {
@@ -118,21 +151,22 @@ impl Committer {
         // Nothing else depends on them: each batch holds its own grain locks. Control ops carry
         // no stores and were applied already, so a batch refused here is always a data batch.
         let failure = |b: &Batch| {
-            b.stores.iter().find_map(|s| {
+            b.stores.iter().enumerate().find_map(|(i, s)| {
                 let key = Arc::as_ptr(s) as *const ();
                 flushed
                     .iter()
                     .find(|(k, _)| *k == key)
                     .and_then(|(_, e)| e.clone())
+                    .map(|e| (i, e))
             })
         };
         let mut refused = HashMap::new();
         let batches: Vec<Batch> = batches
             .into_iter()
             .filter_map(|(seq, b)| match failure(&b) {
-                Some(e) => {
+                Some((i, e)) => {
                     tracing::error!(error = %e, "a data store failed to flush; its grain copies are dropped");
-                    refused.insert(seq, StoreError::Io(std::io::Error::other(e)));
+                    refused.insert(seq, (i, StoreError::Io(std::io::Error::other(e))));
                     None
                 }
                 None => Some(b),

@@ -30,7 +30,7 @@ use crate::engine::{
 };
 use crate::meta::{Journal, MetaError, MetaFiles};
 use crate::store::{BlockStore, StoreError};
-use commit::{Batch, Committer};
+use commit::{Batch, CommitError, Committer};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -878,8 +878,12 @@ impl Pool {
                 .collect()
         };
         let (mut marks, mut dirty, mut hidden) = (Vec::new(), Vec::new(), Vec::new());
+        // The volume each dirty store belongs to, to tell a target's failed flush (the mapping
+        // stops, as for a failed copy) from this volume's own.
+        let mut dirty_vols = Vec::new();
         for ((g, r), plan) in slow.iter().zip(plans) {
             dirty.extend(self.run_copies(&plan, gb)?.0);
+            dirty_vols.extend(plan.copies.iter().filter(|c| c.from != c.to).map(|c| c.to));
             self.stats
                 .cow_grains
                 .fetch_add(plan.copies.len() as u64, Ordering::Relaxed);
@@ -893,8 +897,18 @@ impl Pool {
         }
         if !hidden.is_empty() {
             dirty.push(own.clone());
+            dirty_vols.push(vol);
         }
-        self.commit_marks(marks, dirty)?;
+        match self.commit_marks(marks, dirty) {
+            Err(CommitError::Refused { store, source }) if dirty_vols[store] != vol => {
+                return Err(self.copy_io(
+                    dirty_vols[store],
+                    &crate::engine::GrainPlan::default(),
+                    source,
+                ));
+            }
+            r => r?,
+        }
         if hidden.is_empty() {
             return Ok(own.write_at(data, offset)?);
         }
@@ -953,11 +967,11 @@ impl Pool {
         &self,
         marks: Vec<Op>,
         stores: Vec<Arc<dyn BlockStore>>,
-    ) -> Result<(), VolumeError> {
+    ) -> Result<(), CommitError> {
         if marks.is_empty() {
             return Ok(());
         }
-        self.committer.commit(
+        self.committer.commit_or_refuse(
             &self.engine,
             Batch {
                 ops: marks,
