@@ -203,6 +203,17 @@ fn vol_req(name: &str, required: i64, limit: i64) -> c::CreateVolumeRequest {
     }
 }
 
+fn expand_req(volume_id: &str, required: i64) -> c::ControllerExpandVolumeRequest {
+    c::ControllerExpandVolumeRequest {
+        volume_id: volume_id.into(),
+        capacity_range: Some(c::CapacityRange {
+            required_bytes: required,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    }
+}
+
 fn on_node(mut r: c::CreateVolumeRequest, node: &str) -> c::CreateVolumeRequest {
     r.accessibility_requirements = Some(c::TopologyRequirement {
         requisite: vec![topo(node)],
@@ -486,16 +497,7 @@ fn snapshots_restores_and_clones_read_at_once() {
     // The source grows while the snapshot exists; the snapshot keeps its size and image,
     // and the grown region (written at once) has no dependants.
     let grown = cl
-        .block_on(
-            ctl.controller_expand_volume(c::ControllerExpandVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                capacity_range: Some(c::CapacityRange {
-                    required_bytes: 6 * MIB,
-                    limit_bytes: 0,
-                }),
-                ..Default::default()
-            }),
-        )
+        .block_on(ctl.controller_expand_volume(expand_req(&v.volume_id, 6 * MIB)))
         .unwrap()
         .into_inner();
     assert_eq!(grown.capacity_bytes, 6 * MIB);
@@ -1470,16 +1472,7 @@ fn unknown_ids_and_missing_fields_get_the_spec_codes() {
     assert!(no.confirmed.is_none() && !no.message.is_empty());
     // Expand: grows a plain volume, and one with a snapshot (which keeps its size).
     let grown = cl
-        .block_on(
-            ctl.controller_expand_volume(c::ControllerExpandVolumeRequest {
-                volume_id: v.clone(),
-                capacity_range: Some(c::CapacityRange {
-                    required_bytes: 2 * MIB,
-                    limit_bytes: 0,
-                }),
-                ..Default::default()
-            }),
-        )
+        .block_on(ctl.controller_expand_volume(expand_req(&v, 2 * MIB)))
         .unwrap()
         .into_inner();
     assert_eq!(grown.capacity_bytes, 2 * MIB);
@@ -1495,17 +1488,7 @@ fn unknown_ids_and_missing_fields_get_the_spec_codes() {
         Code::InvalidArgument
     );
     assert_eq!(
-        code(cl.block_on(
-            ctl.controller_expand_volume(c::ControllerExpandVolumeRequest {
-                volume_id: v.clone(),
-                capacity_range: Some(c::CapacityRange {
-                    required_bytes: POOL as i64 + MIB,
-                    limit_bytes: 0,
-                }),
-                ..Default::default()
-            })
-        ))
-        .0,
+        code(cl.block_on(ctl.controller_expand_volume(expand_req(&v, POOL as i64 + MIB)))).0,
         Code::ResourceExhausted
     );
     let snap = cl
@@ -1515,16 +1498,7 @@ fn unknown_ids_and_missing_fields_get_the_spec_codes() {
         .snapshot
         .unwrap();
     let grown = cl
-        .block_on(
-            ctl.controller_expand_volume(c::ControllerExpandVolumeRequest {
-                volume_id: v.clone(),
-                capacity_range: Some(c::CapacityRange {
-                    required_bytes: 3 * MIB + 1,
-                    limit_bytes: 0,
-                }),
-                ..Default::default()
-            }),
-        )
+        .block_on(ctl.controller_expand_volume(expand_req(&v, 3 * MIB + 1)))
         .unwrap()
         .into_inner();
     assert_eq!(grown.capacity_bytes, 4 * MIB, "whole MiB");
