@@ -2,7 +2,7 @@
 //! unmount, the mount table (`/proc/self/mountinfo`), `statvfs` and online growth
 //! (`resize2fs` / `xfs_growfs`). Plain system tools, so what runs is what an operator would type.
 
-use super::error::{Error, Result, io_err, output, run};
+use super::error::{Error, Result, failed, io_err, output, run};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -149,8 +149,22 @@ pub fn unmount(target: &Path) -> Result<bool> {
     if mounted_at(target)?.is_none() {
         return Ok(false);
     }
-    run("umount", &[target])?;
-    Ok(true)
+    // A mount can stay busy for a moment after its last user closed it (a close still in
+    // flight, a block-device probe by udev or blkid): retry briefly before failing the call.
+    let t0 = std::time::Instant::now();
+    let mut delay = std::time::Duration::from_millis(20);
+    loop {
+        let out = output("umount", &[target])?;
+        if out.status.success() {
+            return Ok(true);
+        }
+        let busy = String::from_utf8_lossy(&out.stderr).contains("busy");
+        if !busy || t0.elapsed() > std::time::Duration::from_secs(3) {
+            return Err(failed("umount", &[target], &out));
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(std::time::Duration::from_millis(400));
+    }
 }
 
 /// Unmounts everything stacked at `target`.
