@@ -17,6 +17,7 @@ async fn mkvol(c: &mut AgentClient<Channel>, name: &str, size: u64) -> pb::Volum
     c.create_volume(pb::CreateVolumeRequest {
         name: name.into(),
         size_bytes: size,
+        origin: String::new(),
     })
     .await
     .unwrap()
@@ -303,6 +304,7 @@ async fn mkvol_err(c: &mut AgentClient<Channel>, name: &str, size: u64) -> tonic
     c.create_volume(pb::CreateVolumeRequest {
         name: name.into(),
         size_bytes: size,
+        origin: String::new(),
     })
     .await
     .unwrap_err()

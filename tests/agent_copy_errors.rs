@@ -28,6 +28,7 @@ async fn mkvol(c: &mut AgentClient<Channel>, name: &str) -> VolId {
         c.create_volume(pb::CreateVolumeRequest {
             name: name.into(),
             size_bytes: MIB,
+            origin: String::new(),
         })
         .await
         .unwrap()

@@ -528,6 +528,23 @@ fn invalid_volume_size() {
 }
 
 #[test]
+fn invalid_volume_origin() {
+    let w = World::new();
+    for origin in ["line\nbreak".to_string(), "x".repeat(1025), "é".into()] {
+        let err = w.rejects("create volume", |p| {
+            p.create_volume_from("x", SIZE, &origin)
+        });
+        assert_eq!(err, EngineError::InvalidOrigin(origin.clone()));
+        says(&err, &["origin", "1024"]);
+    }
+    let ok = w
+        .pool
+        .create_volume_from("x", SIZE, "snap:node-1:7")
+        .unwrap();
+    assert_eq!(w.pool.engine().volume(ok).unwrap().origin, "snap:node-1:7");
+}
+
+#[test]
 fn duplicate_names() {
     let w = World::new();
     let a = w.vol("a", SIZE);

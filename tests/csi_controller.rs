@@ -645,6 +645,20 @@ fn snapshots_restores_and_clones_read_at_once() {
         ],
     );
 
+    // The clone's mapping is gone, but the volume remembers its source: the same request is
+    // idempotent, another source or none is another volume under a taken name.
+    let mut again = from_volume("pvc-clone", &v.volume_id);
+    again.parameters = HashMap::from([("copyRate".to_string(), "150".to_string())]);
+    let same = cl.block_on(ctl.create_volume(again)).unwrap().into_inner();
+    assert_eq!(same.volume.unwrap().volume_id, k.volume_id);
+    for other in [
+        from_snapshot("pvc-clone", &s.snapshot_id, "150"),
+        vol_req("pvc-clone", 0, 0),
+    ] {
+        let (got, msg) = code(cl.block_on(ctl.create_volume(other)));
+        assert_eq!(got, Code::AlreadyExists, "{msg}");
+    }
+
     // Snapshot name reused for another source.
     let (got, _) = code(cl.block_on(ctl.create_snapshot(snap_req("snap-1", &k.volume_id))));
     assert_eq!(got, Code::AlreadyExists);
@@ -1202,6 +1216,7 @@ fn freeze_commit_and_thaw_on_one_agent() {
             .block_on(n1.create_volume(pb::CreateVolumeRequest {
                 name: format!("{g}-s"),
                 size_bytes: 1 << 20,
+                origin: String::new(),
             }))
             .unwrap()
             .into_inner();
@@ -1209,6 +1224,7 @@ fn freeze_commit_and_thaw_on_one_agent() {
             .block_on(n1.create_volume(pb::CreateVolumeRequest {
                 name: format!("{g}-t"),
                 size_bytes: 1 << 20,
+                origin: String::new(),
             }))
             .unwrap()
             .into_inner();

@@ -223,6 +223,7 @@ impl Plugin {
             .create_volume(pb::CreateVolumeRequest {
                 name: name.into(),
                 size_bytes: size,
+                origin: String::new(),
             })
             .await
             .unwrap()

@@ -52,6 +52,7 @@ fn vol(e: &mut Engine) -> VolId {
             id,
             name: format!("v{}", id.0),
             size: SIZE,
+            origin: String::new(),
         },
     );
     id

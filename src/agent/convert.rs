@@ -20,6 +20,7 @@ pub fn volume(e: &Engine, v: &Volume) -> pb::Volume {
         nbd_export: v.id.0.to_string(),
         mappings: e.mappings_of(v.id).map(|m| m.id.0).collect(),
         offline_reason,
+        origin: v.origin.clone(),
     }
 }
 

@@ -193,7 +193,7 @@ impl Agent for AgentService {
         let r = req.into_inner();
         let v = self
             .blocking(move |pool| {
-                let id = pool.create_volume(&r.name, r.size_bytes)?;
+                let id = pool.create_volume_from(&r.name, r.size_bytes, &r.origin)?;
                 tracing::info!(volume = %id, name = %r.name, size = r.size_bytes, "volume created");
                 let e = pool.engine();
                 let v = e

@@ -90,6 +90,7 @@ fn classify_engine(e: &EngineError) -> (Code, &'static str) {
         E::TargetInUse(..) => (AlreadyExists, "TargetInUse"),
         E::InvalidName(_) => (InvalidArgument, "InvalidName"),
         E::InvalidSize(_) => (InvalidArgument, "InvalidSize"),
+        E::InvalidOrigin(_) => (InvalidArgument, "InvalidOrigin"),
         E::InvalidRate(_) => (InvalidArgument, "InvalidRate"),
         E::SizeMismatch { .. } => (InvalidArgument, "SizeMismatch"),
         E::GrowInsideGrain { .. } => (FailedPrecondition, "GrowInsideGrain"),

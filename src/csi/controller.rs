@@ -445,6 +445,15 @@ fn rpc(t: csi::controller_service_capability::rpc::Type) -> csi::ControllerServi
     }
 }
 
+/// What a volume made from `o` records as its origin: the source's CSI id.
+fn origin_of(o: &NodeObj, snapshot: bool) -> String {
+    o.id_string(if snapshot {
+        Kind::Snapshot
+    } else {
+        Kind::Volume
+    })
+}
+
 fn vol_key(id: &str) -> String {
     format!("volume {id}")
 }
@@ -597,24 +606,11 @@ impl ControllerService {
                         r.name, v.size_bytes
                     )));
                 }
-                let clone = ids::agent_name(ids::CLONE_PREFIX, &r.name);
-                let copying_from = match self.find_mapping(node, clone).await? {
-                    Some(m) => Some(m.source_id),
-                    None => None,
-                };
-                let want_from = match &source {
-                    None => None,
-                    Some((o, _, true)) => self.snapshot_mapping_of(o).await?.map(|m| m.target_id),
-                    Some((o, _, false)) => Some(o.id),
-                };
-                let same = match (&source, copying_from) {
-                    (None, None) => true,
-                    (None, Some(_)) => false,
-                    // The copy may have finished (the mapping is gone): nothing to compare.
-                    (Some(_), None) => true,
-                    (Some(_), Some(f)) => want_from == Some(f),
-                };
-                if !same {
+                // The volume records its source, which outlives the clone's mapping.
+                let want = source
+                    .as_ref()
+                    .map_or(String::new(), |(o, _, snap)| origin_of(o, *snap));
+                if v.origin != want {
                     return Err(CsiError::AlreadyExists(format!(
                         "volume {:?} exists with another content source",
                         r.name
@@ -641,6 +637,7 @@ impl ControllerService {
                         .create_volume(pb::CreateVolumeRequest {
                             name: an.clone(),
                             size_bytes: size,
+                            origin: String::new(),
                         })
                         .await
                         .map_err(|s| CsiError::agent(node, s))?
@@ -685,6 +682,7 @@ impl ControllerService {
                     .create_volume(pb::CreateVolumeRequest {
                         name: an.clone(),
                         size_bytes: size,
+                        origin: origin_of(&o, is_snap),
                     })
                     .await
                     .map_err(|s| CsiError::agent(&node, s))?
@@ -874,6 +872,7 @@ impl ControllerService {
             .create_volume(pb::CreateVolumeRequest {
                 name: an.clone(),
                 size_bytes: src.size_bytes,
+                origin: String::new(),
             })
             .await
             .map_err(|s| CsiError::agent(&node, s))?

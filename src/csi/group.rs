@@ -255,6 +255,7 @@ impl ControllerService {
                     .create_volume(pb::CreateVolumeRequest {
                         name: tname.clone(),
                         size_bytes: v.size_bytes,
+                        origin: String::new(),
                     })
                     .await
                     .map_err(e)?

@@ -25,6 +25,9 @@ pub enum EngineError {
         "invalid name {0:?}: use 1-63 characters from [A-Za-z0-9._-], not starting with a digit"
     )]
     InvalidName(String),
+    /// A volume's origin is a short printable label.
+    #[error("invalid origin {0:?}: use at most 1024 printable ASCII characters")]
+    InvalidOrigin(String),
     /// Volume sizes must be positive multiples of 512 bytes.
     #[error("invalid volume size {0}: must be a positive multiple of 512 bytes")]
     InvalidSize(u64),

@@ -49,6 +49,10 @@ pub struct Volume {
     pub name: String,
     /// Size in bytes, a multiple of 512.
     pub size: u64,
+    /// What the volume was made from, as its creator recorded it (the CSI controller: the id of
+    /// the snapshot or volume it was cloned from); empty for a blank volume. The engine gives it
+    /// no meaning; it outlives the mapping that filled the volume, for idempotent re-creates.
+    pub origin: String,
     /// Every mapping that uses this volume as source or target, in id order.
     maps: Vec<MapId>,
     /// The active mapping whose target this volume is.
@@ -194,6 +198,8 @@ pub enum Op {
         name: String,
         /// Size in bytes.
         size: u64,
+        /// See [`Volume::origin`].
+        origin: String,
     },
     /// Delete a volume that no mapping uses.
     DeleteVolume {

@@ -37,7 +37,12 @@ fn bad(m: &Mapping, action: &'static str) -> EngineError {
 impl Engine {
     pub(super) fn apply_inner(&mut self, op: &Op, ev: &mut Vec<Event>) -> Result<(), EngineError> {
         match op {
-            Op::CreateVolume { id, name, size } => self.create_volume(*id, name, *size),
+            Op::CreateVolume {
+                id,
+                name,
+                size,
+                origin,
+            } => self.create_volume(*id, name, *size, origin),
             Op::DeleteVolume { id } => self.delete_volume(*id),
             Op::ResizeVolume { id, size } => self.resize_volume(*id, *size),
             Op::RenameVolume { id, name } => self.rename_volume(*id, name),
@@ -367,18 +372,32 @@ impl Engine {
     /// store first). Other ops are accepted here and validated by [`Engine::apply`].
     pub fn check_volume_op(&self, op: &Op) -> Result<(), EngineError> {
         match op {
-            Op::CreateVolume { id, name, size } => self.check_create_volume(*id, name, *size),
+            Op::CreateVolume {
+                id,
+                name,
+                size,
+                origin,
+            } => self.check_create_volume(*id, name, *size, origin),
             Op::ResizeVolume { id, size } => self.check_resize(*id, *size),
             Op::DeleteVolume { id } => self.volume_unused(*id).map(|_| ()),
             _ => Ok(()),
         }
     }
 
-    fn check_create_volume(&self, id: VolId, name: &str, size: u64) -> Result<(), EngineError> {
+    fn check_create_volume(
+        &self,
+        id: VolId,
+        name: &str,
+        size: u64,
+        origin: &str,
+    ) -> Result<(), EngineError> {
         if id.0 < self.next_vol {
             return Err(EngineError::IdInUse(id.0));
         }
         check_name(name)?;
+        if origin.len() > 1024 || !origin.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+            return Err(EngineError::InvalidOrigin(origin.to_string()));
+        }
         if size == 0 || !size.is_multiple_of(SECTOR) {
             return Err(EngineError::InvalidSize(size));
         }
@@ -388,13 +407,20 @@ impl Engine {
         Ok(())
     }
 
-    fn create_volume(&mut self, id: VolId, name: &str, size: u64) -> Result<(), EngineError> {
-        self.check_create_volume(id, name, size)?;
+    fn create_volume(
+        &mut self,
+        id: VolId,
+        name: &str,
+        size: u64,
+        origin: &str,
+    ) -> Result<(), EngineError> {
+        self.check_create_volume(id, name, size, origin)?;
         self.next_vol = id.0 + 1;
         let v = Volume {
             id,
             name: name.to_string(),
             size,
+            origin: origin.to_string(),
             maps: Vec::new(),
             up: None,
             downs: Vec::new(),

@@ -364,6 +364,7 @@ async fn run(args: Args) -> Result<(), FcError> {
                 .create_volume(pb::CreateVolumeRequest {
                     name,
                     size_bytes: size_arg.unwrap_or_default(),
+                    origin: String::new(),
                 })
                 .await?
                 .into_inner();

@@ -338,24 +338,33 @@ impl Pool {
         Ok((events, t0.elapsed()))
     }
 
-    /// Creates a volume of `size` bytes.
+    /// Creates a blank volume of `size` bytes.
     pub fn create_volume(&self, name: &str, size: u64) -> Result<VolId, VolumeError> {
+        self.create_volume_from(name, size, "")
+    }
+
+    /// Creates a volume of `size` bytes that records its `origin` (see
+    /// [`crate::engine::Volume::origin`]).
+    pub fn create_volume_from(
+        &self,
+        name: &str,
+        size: u64,
+        origin: &str,
+    ) -> Result<VolId, VolumeError> {
         let _c = self.control.lock();
         let id = self.engine.read().next_volume_id();
         // Validate before touching the backend; the store exists before the op is durable, so a
         // crash in between leaves only an orphan store, removed on open.
-        self.engine.read().check_volume_op(&Op::CreateVolume {
+        let op = Op::CreateVolume {
             id,
             name: name.into(),
             size,
-        })?;
+            origin: origin.into(),
+        };
+        self.engine.read().check_volume_op(&op)?;
         let store = self.backend.create(id, size)?;
         self.stores.write().insert(id, store);
-        match self.control_locked(&[Op::CreateVolume {
-            id,
-            name: name.into(),
-            size,
-        }]) {
+        match self.control_locked(&[op]) {
             Ok(_) => Ok(id),
             Err(e) => {
                 // Only a rejection proves the op is not in the journal; after an I/O failure it
