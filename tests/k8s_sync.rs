@@ -75,14 +75,29 @@ fn setup(a: &Agent) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mirrors_follow_the_agent_and_leave_other_nodes_alone() {
+/// An agent on a temporary directory with the volumes, mappings and group of `setup`.
+async fn set_up_agent() -> (tempfile::TempDir, std::sync::Arc<Agent>) {
     let dir = tempfile::tempdir().unwrap();
     let a = std::sync::Arc::new(Agent::start(dir.path()));
     let setup_agent = a.clone();
     tokio::task::spawn_blocking(move || setup(&setup_agent))
         .await
         .unwrap();
+    (dir, a)
+}
+
+/// Stops the agent (every other handle must be gone).
+async fn stop(a: std::sync::Arc<Agent>) {
+    std::sync::Arc::into_inner(a)
+        .unwrap()
+        .stop_async()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_follow_the_agent_and_leave_other_nodes_alone() {
+    let (_dir, a) = set_up_agent().await;
     let (server, client) = ApiServer::start(FOREIGN);
     let mut agent = connect_agent(&a.uri()).await.unwrap();
 
@@ -181,21 +196,12 @@ async fn mirrors_follow_the_agent_and_leave_other_nodes_alone() {
     assert_eq!(foreign["status"]["progress"], 40);
     assert_eq!(server.list(MAPS).len(), 3);
     drop(agent);
-    std::sync::Arc::into_inner(a)
-        .unwrap()
-        .stop_async()
-        .await
-        .unwrap();
+    stop(a).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_fault_fails_one_sync_and_the_next_converges() {
-    let dir = tempfile::tempdir().unwrap();
-    let a = std::sync::Arc::new(Agent::start(dir.path()));
-    let setup_agent = a.clone();
-    tokio::task::spawn_blocking(move || setup(&setup_agent))
-        .await
-        .unwrap();
+    let (_dir, a) = set_up_agent().await;
     let (server, client) = ApiServer::start("");
     let mut agent = connect_agent(&a.uri()).await.unwrap();
     let mut f = Fault::new("PATCH", MAPS, 500, 1);
@@ -212,11 +218,7 @@ async fn an_api_fault_fails_one_sync_and_the_next_converges() {
         "{maps:?}"
     );
     drop(agent);
-    std::sync::Arc::into_inner(a)
-        .unwrap()
-        .stop_async()
-        .await
-        .unwrap();
+    stop(a).await;
 }
 
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
@@ -232,12 +234,7 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_loop_follows_events_and_an_agent_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let a = std::sync::Arc::new(Agent::start(dir.path()));
-    let setup_agent = a.clone();
-    tokio::task::spawn_blocking(move || setup(&setup_agent))
-        .await
-        .unwrap();
+    let (_dir, a) = set_up_agent().await;
     let (server, client) = ApiServer::start("");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // An hour between periodic syncs: whatever happens within the test came from events.
@@ -264,11 +261,7 @@ async fn the_loop_follows_events_and_an_agent_restart() {
 
     // The agent restarts: the loop reconnects and syncs what changed meanwhile.
     let dir_path = a.dir.clone();
-    std::sync::Arc::into_inner(a)
-        .unwrap()
-        .stop_async()
-        .await
-        .unwrap();
+    stop(a).await;
     let a = std::sync::Arc::new(
         tokio::task::spawn_blocking(move || Agent::start(&dir_path))
             .await
@@ -315,9 +308,5 @@ async fn the_loop_follows_events_and_an_agent_restart() {
         .await
         .expect("the loop stops")
         .unwrap();
-    std::sync::Arc::into_inner(a)
-        .unwrap()
-        .stop_async()
-        .await
-        .unwrap();
+    stop(a).await;
 }
