@@ -9,14 +9,11 @@ mod csi_common;
 mod k8s_common;
 
 use csi_common::{Standalone, create_req};
-use flashcopy_csi::k8s::api::*;
 use flashcopy_csi::k8s::csi_client::CsiDriver;
 use flashcopy_csi::k8s::driver::SnapshotDriver;
-use flashcopy_csi::k8s::group::{sync_group_content, sync_group_snapshot};
-use flashcopy_csi::k8s::snapshot::{sync_content, sync_snapshot};
 use flashcopy_csi::k8s::{Ctx, Mode};
 use flashcopy_csi::proto::csi::v1 as csi;
-use k8s_common::ApiServer;
+use k8s_common::{ApiServer, round};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -129,30 +126,7 @@ async fn settle(server: &ApiServer, ctx: &Ctx, n: usize) -> Vec<String> {
     let mut errors = Vec::new();
     for _ in 0..n {
         let before = server.version();
-        for v in server.list("volumegroupsnapshots") {
-            let o: VolumeGroupSnapshot = serde_json::from_value(v).unwrap();
-            if let Err(e) = sync_group_snapshot(&o, ctx).await {
-                errors.push(e.to_string());
-            }
-        }
-        for v in server.list("volumegroupsnapshotcontents") {
-            let o: VolumeGroupSnapshotContent = serde_json::from_value(v).unwrap();
-            if let Err(e) = sync_group_content(&o, ctx).await {
-                errors.push(e.to_string());
-            }
-        }
-        for v in server.list("volumesnapshots") {
-            let o: VolumeSnapshot = serde_json::from_value(v).unwrap();
-            if let Err(e) = sync_snapshot(&o, ctx).await {
-                errors.push(e.to_string());
-            }
-        }
-        for v in server.list("volumesnapshotcontents") {
-            let o: VolumeSnapshotContent = serde_json::from_value(v).unwrap();
-            if let Err(e) = sync_content(&o, ctx).await {
-                errors.push(e.to_string());
-            }
-        }
+        round(server, ctx, &mut errors).await;
         if server.version() == before {
             break;
         }

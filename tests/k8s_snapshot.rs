@@ -5,8 +5,6 @@
 
 mod k8s_common;
 
-use flashcopy_csi::k8s::Ctx;
-use flashcopy_csi::k8s::api::*;
 use flashcopy_csi::k8s::group::{sync_group_content, sync_group_snapshot};
 use flashcopy_csi::k8s::names::*;
 use flashcopy_csi::k8s::snapshot::{WAIT_CONTENT_GONE, sync_content, sync_snapshot};
@@ -97,33 +95,6 @@ use Step::*;
 
 fn vsc1() -> String {
     content_name("vs-uid-1")
-}
-
-async fn round(server: &ApiServer, ctx: &Ctx, errors: &mut Vec<String>) {
-    for v in server.list("volumegroupsnapshots") {
-        let o: VolumeGroupSnapshot = serde_json::from_value(v).unwrap();
-        if let Err(e) = sync_group_snapshot(&o, ctx).await {
-            errors.push(e.to_string());
-        }
-    }
-    for v in server.list("volumegroupsnapshotcontents") {
-        let o: VolumeGroupSnapshotContent = serde_json::from_value(v).unwrap();
-        if let Err(e) = sync_group_content(&o, ctx).await {
-            errors.push(e.to_string());
-        }
-    }
-    for v in server.list("volumesnapshots") {
-        let o: VolumeSnapshot = serde_json::from_value(v).unwrap();
-        if let Err(e) = sync_snapshot(&o, ctx).await {
-            errors.push(e.to_string());
-        }
-    }
-    for v in server.list("volumesnapshotcontents") {
-        let o: VolumeSnapshotContent = serde_json::from_value(v).unwrap();
-        if let Err(e) = sync_content(&o, ctx).await {
-            errors.push(e.to_string());
-        }
-    }
 }
 
 async fn run_case(name: &str, objects: &str, driver: FakeDriver, steps: Vec<Step>) {

@@ -6,7 +6,10 @@
 //! resourceVersion preconditions (409 Conflict) and AlreadyExists.
 #![allow(dead_code)]
 
+use flashcopy_csi::k8s::api::*;
 use flashcopy_csi::k8s::driver::*;
+use flashcopy_csi::k8s::group::{sync_group_content, sync_group_snapshot};
+use flashcopy_csi::k8s::snapshot::{sync_content, sync_snapshot};
 use flashcopy_csi::k8s::{Ctx, Mode};
 use futures::future::BoxFuture;
 use http::{Request, Response};
@@ -728,5 +731,34 @@ pub fn subset(expected: &Value, actual: &Value, path: &str) -> Result<(), String
         }
         (e, a) if e == a => Ok(()),
         (e, a) => Err(format!("{path}: expected {e}, got {a}")),
+    }
+}
+
+/// One reconcile of every snapshot and group snapshot object, in dependency order; errors
+/// are collected, not raised (the controller's error policy retries them).
+pub async fn round(server: &ApiServer, ctx: &Ctx, errors: &mut Vec<String>) {
+    for v in server.list("volumegroupsnapshots") {
+        let o: VolumeGroupSnapshot = serde_json::from_value(v).unwrap();
+        if let Err(e) = sync_group_snapshot(&o, ctx).await {
+            errors.push(e.to_string());
+        }
+    }
+    for v in server.list("volumegroupsnapshotcontents") {
+        let o: VolumeGroupSnapshotContent = serde_json::from_value(v).unwrap();
+        if let Err(e) = sync_group_content(&o, ctx).await {
+            errors.push(e.to_string());
+        }
+    }
+    for v in server.list("volumesnapshots") {
+        let o: VolumeSnapshot = serde_json::from_value(v).unwrap();
+        if let Err(e) = sync_snapshot(&o, ctx).await {
+            errors.push(e.to_string());
+        }
+    }
+    for v in server.list("volumesnapshotcontents") {
+        let o: VolumeSnapshotContent = serde_json::from_value(v).unwrap();
+        if let Err(e) = sync_content(&o, ctx).await {
+            errors.push(e.to_string());
+        }
     }
 }
