@@ -5,16 +5,14 @@
 #   docker build -t flashcopy-csi:0.1.0 .
 #
 # Dependencies come from crates.io only; the protos compile without protoc (protox in build.rs).
+# No container engine runs on CI machines: ci/image.sh checks this file's final stage there (the
+# same Debian release and packages in a chroot, running the binary, the demo and the node tests).
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
 
+# The build stage needs nothing beyond the rust image (gcc for ring's C parts is in it).
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
-# cmake: for crypto crates that build C sources (rustls' aws-lc-rs backend), harmless otherwise.
-RUN export DEBIAN_FRONTEND=noninteractive \
- && apt-get update \
- && apt-get install -y --no-install-recommends cmake \
- && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

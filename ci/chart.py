@@ -273,6 +273,31 @@ def check_pods(objs: list[dict[str, Any]], where: str, fail: Failures) -> None:
                 )
 
 
+def check_our_args(
+    objs: list[dict[str, Any]], values: dict[str, Any], binary: Path | None, where: str, fail: Failures
+) -> None:
+    """Every container of our image starts: its args (the image's ENTRYPOINT is the binary) must
+    parse with the binary's own CLI. `ARGS --help` parses every flag and value given, then prints
+    help instead of running; $(VAR)s become a placeholder, as the kubelet would substitute them."""
+    if binary is None:
+        return
+    repo = values["image"]["repository"]
+    for o in objs:
+        spec = pod_spec(o)
+        if spec is None:
+            continue
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            if c["image"].rsplit(":", 1)[0] != repo:
+                continue
+            kn = f"{where} {o['kind']}/{o['metadata']['name']} {c['name']}"
+            fail.check("command" not in c, kn, "sets command: the image's ENTRYPOINT is the binary")
+            args = [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", "placeholder", a) for a in c.get("args", [])]
+            run = subprocess.run([str(binary), *args, "--help"], capture_output=True, text=True)
+            if run.returncode != 0:
+                first = (run.stderr.strip().splitlines() or ["(no output)"])[0]
+                fail.add(kn, f"args {c.get('args', [])} do not parse: {first}")
+
+
 def check_rbac(objs: list[dict[str, Any]], where: str, fail: Failures) -> None:
     roles = {(o["kind"], o["metadata"]["name"]) for o in objs if o["kind"] in ("Role", "ClusterRole")}
     sas = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in objs if o["kind"] == "ServiceAccount"}
@@ -510,7 +535,7 @@ def all_crds() -> list[dict[str, Any]]:
     return crds
 
 
-def validate_variants(fail: Failures) -> None:
+def validate_variants(fail: Failures, binary: Path | None) -> None:
     chart = helm_python.Chart.load(CHART)
     defaults = chart.values
     crds = all_crds()
@@ -551,11 +576,12 @@ def validate_variants(fail: Failures) -> None:
         check_pods(objs, f"[{name}]", fail)
         check_rbac(objs, f"[{name}]", fail)
         check_driver(objs, merged, f"[{name}]", fail)
+        check_our_args(objs, merged, binary, f"[{name}]", fail)
         kinds = sorted({o["kind"] for o in objs})
         print(f"{len(objs)} objects: {', '.join(kinds)}")
 
 
-def self_test(fail: Failures) -> None:
+def self_test(fail: Failures, binary: Path | None) -> None:
     """Each check above must catch the mistake it exists for: mutate a good render and expect a
     failure from the check, so that no check passes vacuously."""
     step("self-test: every check catches its mistake")
@@ -579,6 +605,7 @@ def self_test(fail: Failures) -> None:
         check_pods(objs, "self-test", quiet)
         check_rbac(objs, "self-test", quiet)
         check_driver(objs, deep_merge(defaults, values), "self-test", quiet)
+        check_our_args(objs, deep_merge(defaults, values), binary, "self-test", quiet)
         return quiet
 
     baseline = run_all(good(), {})
@@ -600,6 +627,8 @@ def self_test(fail: Failures) -> None:
             {"name": "api-token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"})),
         ("health endpoint on an undeclared port", {}, lambda o: ds_container(o, "node-driver-registrar")[
             "args"].__setitem__(2, "--http-endpoint=:1234")),
+        *([("agent flag the binary does not know", {}, lambda o: ds_container(o, "agent")[
+            "args"].append("--verbose"))] if binary else []),
         ("binding to a missing role", {}, lambda o: find(o, "RoleBinding")["roleRef"].update(name="missing")),
         ("sidecar mode with rights on VolumeSnapshots", {"snapshotController": {"mode": "sidecar"}},
          lambda o: find(o, "ClusterRole", f"{RELEASE}-snapshot-controller")["rules"].append(
@@ -796,14 +825,16 @@ def main() -> int:
         f" (schemas {', '.join(KUBE_VERSIONS)})"
     )
     fail = Failures()
+    binary: Path | None = args.binary
     if args.no_crd_check:
-        step("CRDs against the binary: SKIPPED (--no-crd-check)")
+        step("CRDs and container args against the binary: SKIPPED (--no-crd-check)")
+        binary = None
     else:
         crd_from_binary(args.binary, fail, args.write)
     upstream_unchanged(fail)
     lint_and_schema(fail)
-    validate_variants(fail)
-    self_test(fail)
+    validate_variants(fail, binary)
+    self_test(fail, binary)
     validate_examples(fail)
     manifests(fail, args.write)
     if fail.items:
