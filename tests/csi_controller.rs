@@ -290,6 +290,19 @@ fn identity_names_the_driver_and_its_services() {
     ] {
         assert!(services.contains(&(t as i32)), "{t:?} missing");
     }
+    // An attached NBD device keeps its size: expansion is offline (see the test below).
+    let expansion: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(c::plugin_capability::Type::VolumeExpansion(e)) => Some(e.r#type),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        expansion,
+        [c::plugin_capability::volume_expansion::Type::Offline as i32]
+    );
     let probe = cl
         .block_on(id.probe(c::ProbeRequest {}))
         .unwrap()
@@ -301,6 +314,79 @@ fn identity_names_the_driver_and_its_services() {
         .unwrap()
         .into_inner();
     assert_eq!(gc.capabilities.len(), 1);
+}
+
+#[test]
+fn an_attached_volume_grows_once_no_client_has_it() {
+    let cl = Cluster::new(&["n1"]);
+    let mut ctl = cl.ctl();
+    let v = cl
+        .block_on(ctl.create_volume(vol_req("pvc-attached", MIB, 0)))
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let agent_id = ids::parse(ids::Kind::Volume, &v).unwrap().id;
+    let clients = || {
+        cl.agent_volumes("n1")
+            .into_iter()
+            .find(|a| a.id == agent_id)
+            .unwrap()
+            .nbd_clients
+    };
+    assert_eq!(clients(), 0);
+    // A node has it attached: the client negotiated 1 MiB and would never see more, so the
+    // controller refuses with FAILED_PRECONDITION (csi-resizer waits until no pod uses it).
+    let attached = flashcopy_csi::nbd::client::Client::connect(
+        &cl.agent("n1").cfg.nbd_socket_path(),
+        &agent_id.to_string(),
+    )
+    .unwrap();
+    assert_eq!(clients(), 1);
+    let (got, msg) = code(cl.block_on(ctl.controller_expand_volume(expand_req(&v, 2 * MIB))));
+    assert_eq!(got, Code::FailedPrecondition, "{msg}");
+    assert!(msg.contains("in use (1 NBD client(s) attached)"), "{msg}");
+    let size = |ctl: &mut ControllerClient<Channel>| {
+        cl.block_on(ctl.controller_get_volume(c::ControllerGetVolumeRequest {
+            volume_id: v.clone(),
+        }))
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .capacity_bytes
+    };
+    assert_eq!(size(&mut ctl), MIB, "a refused expansion changes nothing");
+    // A request for no more than the size it has is answered as done, attached or not.
+    let same = cl
+        .block_on(ctl.controller_expand_volume(expand_req(&v, MIB)))
+        .unwrap()
+        .into_inner();
+    assert_eq!(same.capacity_bytes, MIB);
+    // Detached (the server notices the closed connection), it grows.
+    drop(attached);
+    let t0 = Instant::now();
+    while clients() > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the client never went away"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let grown = cl
+        .block_on(ctl.controller_expand_volume(expand_req(&v, 2 * MIB)))
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 2 * MIB);
+    assert_eq!(size(&mut ctl), 2 * MIB);
+    // A real client (qemu-io) connects afresh and sees the new size.
+    if have("qemu-io") {
+        qemu_io(
+            &cl.nbd_of_volume(&v),
+            &["write -P 0x5a 1M 1M", "read -P 0x5a 1M 1M"],
+        );
+    }
 }
 
 #[test]

@@ -7,8 +7,8 @@ use crate::engine::{
 };
 use crate::proto::agent::v1 as pb;
 
-/// A volume as the API shows it.
-pub fn volume(e: &Engine, v: &Volume) -> pb::Volume {
+/// A volume as the API shows it; `stats` tells its NBD clients.
+pub fn volume(e: &Engine, v: &Volume, stats: &crate::volume::Stats) -> pb::Volume {
     let offline_reason = match e.check_io(v.id, 0, 0) {
         Err(crate::engine::EngineError::VolumeOffline { reason, .. }) => reason,
         _ => String::new(),
@@ -21,6 +21,7 @@ pub fn volume(e: &Engine, v: &Volume) -> pb::Volume {
         mappings: e.mappings_of(v.id).map(|m| m.id.0).collect(),
         offline_reason,
         origin: v.origin.clone(),
+        nbd_clients: stats.clients(v.id),
     }
 }
 

@@ -199,7 +199,7 @@ impl Agent for AgentService {
                 let v = e
                     .volume(id)
                     .ok_or(crate::engine::EngineError::NoSuchVolume(id))?;
-                Ok(convert::volume(&e, v))
+                Ok(convert::volume(&e, v, &pool.stats))
             })
             .await?;
         ok(v)
@@ -231,7 +231,7 @@ impl Agent for AgentService {
                 let v = e
                     .volume(id)
                     .ok_or(crate::engine::EngineError::NoSuchVolume(id))?;
-                Ok(convert::volume(&e, v))
+                Ok(convert::volume(&e, v, &pool.stats))
             })
             .await?;
         ok(v)
@@ -248,7 +248,7 @@ impl Agent for AgentService {
                 let v = e
                     .volume(id)
                     .ok_or(crate::engine::EngineError::NoSuchVolume(id))?;
-                Ok(convert::volume(&e, v))
+                Ok(convert::volume(&e, v, &pool.stats))
             })
             .await?;
         ok(v)
@@ -263,7 +263,7 @@ impl Agent for AgentService {
                 let v = e
                     .volume(id)
                     .ok_or(crate::engine::EngineError::NoSuchVolume(id))?;
-                Ok(convert::volume(&e, v))
+                Ok(convert::volume(&e, v, &pool.stats))
             })
             .await?;
         ok(v)
@@ -276,7 +276,9 @@ impl Agent for AgentService {
         let volumes = self
             .blocking(|pool| {
                 let e = pool.engine();
-                Ok(e.volumes().map(|v| convert::volume(&e, v)).collect())
+                Ok(e.volumes()
+                    .map(|v| convert::volume(&e, v, &pool.stats))
+                    .collect())
             })
             .await?;
         ok(pb::ListVolumesResponse { volumes })

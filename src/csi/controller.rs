@@ -1318,6 +1318,14 @@ impl Controller for ControllerService {
                 node_expansion_required,
             }));
         }
+        if v.nbd_clients > 0 {
+            return Err(CsiError::FailedPrecondition(format!(
+                "volume {} is in use ({} NBD client(s) attached): expansion is offline, the \
+                 volume grows once no node has it attached",
+                r.volume_id, v.nbd_clients
+            ))
+            .into());
+        }
         self.ensure_room(&o.node, want - v.size_bytes).await?;
         let mut c = self.client(&o.node)?;
         let v = c

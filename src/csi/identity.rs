@@ -54,10 +54,13 @@ impl Identity for IdentityService {
         if self.controller {
             caps.push(service(ServiceType::ControllerService));
             caps.push(service(ServiceType::GroupControllerService));
+            // Offline: an attached volume (NBD, kernel or nbdfuse) keeps the size it was
+            // attached with, so a volume grows while no node has it; ControllerExpandVolume
+            // says FAILED_PRECONDITION otherwise, which csi-resizer waits out.
             caps.push(csi::PluginCapability {
                 r#type: Some(plugin_capability::Type::VolumeExpansion(
                     plugin_capability::VolumeExpansion {
-                        r#type: plugin_capability::volume_expansion::Type::Online as i32,
+                        r#type: plugin_capability::volume_expansion::Type::Offline as i32,
                     },
                 )),
             });

@@ -1,7 +1,9 @@
 //! Counts every request an export serves in the pool's [`IoStats`]: requests, bytes, errors
-//! and latency by kind. A few relaxed atomic adds and two clock reads per request.
+//! and latency by kind. A few relaxed atomic adds and two clock reads per request. While it
+//! lives, its volume counts one more NBD client ([`crate::volume::Stats::clients`]).
 
 use super::server::{Export, ExportError};
+use crate::engine::VolId;
 use crate::volume::{IoOp, Pool};
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,12 +12,14 @@ use std::time::Instant;
 pub struct Metered<E> {
     inner: E,
     pool: Arc<Pool>,
+    vol: VolId,
 }
 
 impl<E: Export> Metered<E> {
-    /// Counts the requests `inner` serves in `pool`'s stats.
-    pub fn new(inner: E, pool: Arc<Pool>) -> Self {
-        Self { inner, pool }
+    /// Counts the requests `inner` (an export of `vol`) serves in `pool`'s stats.
+    pub fn new(inner: E, pool: Arc<Pool>, vol: VolId) -> Self {
+        pool.stats.client_opened(vol);
+        Self { inner, pool, vol }
     }
 
     fn timed(
@@ -31,6 +35,12 @@ impl<E: Export> Metered<E> {
             .io
             .record(op, bytes, t0.elapsed(), res.is_ok());
         res
+    }
+}
+
+impl<E> Drop for Metered<E> {
+    fn drop(&mut self) {
+        self.pool.stats.client_closed(self.vol);
     }
 }
 

@@ -260,6 +260,7 @@ impl Exports for Arc<Pool> {
         Some(Arc::new(super::metered::Metered::new(
             PoolExport::new(self.clone(), vol),
             self.clone(),
+            vol,
         )))
     }
 

@@ -1,6 +1,9 @@
 //! Counters of the data path: plain atomics, so recording costs a few relaxed adds and never
 //! takes a lock. The agent's `/metrics` endpoint reads them (`crate::agent::metrics`).
 
+use crate::engine::VolId;
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -209,6 +212,9 @@ pub struct Stats {
     pub start_pause_mapping: Histogram,
     /// Pause windows of consistency-group starts.
     pub start_pause_group: Histogram,
+    /// Open NBD export handles by volume: a volume with any is attached somewhere, so its
+    /// clients saw the size it had when they connected.
+    clients: Mutex<HashMap<VolId, u32>>,
 }
 
 impl Stats {
@@ -220,6 +226,32 @@ impl Stats {
             CopyKind::Cleaning => &self.clean_grains,
         }
         .load(Ordering::Relaxed)
+    }
+
+    /// NBD clients that have `vol` open.
+    pub fn clients(&self, vol: VolId) -> u32 {
+        self.clients_lock().get(&vol).copied().unwrap_or(0)
+    }
+
+    /// Counts an opened export handle of `vol` (undone by [`Stats::client_closed`]).
+    pub fn client_opened(&self, vol: VolId) {
+        *self.clients_lock().entry(vol).or_default() += 1;
+    }
+
+    /// Uncounts an export handle of `vol`.
+    pub fn client_closed(&self, vol: VolId) {
+        let mut c = self.clients_lock();
+        if let Some(n) = c.get_mut(&vol) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&vol);
+            }
+        }
+    }
+
+    fn clients_lock(&self) -> std::sync::MutexGuard<'_, HashMap<VolId, u32>> {
+        // A counter map cannot be left inconsistent by a panic: keep using it.
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Failed grain copies for `kind`.
