@@ -1,12 +1,14 @@
 //! Which agent serves which node: `--agent NODE=URL` (repeatable) and `--agent-template URL`
 //! with `{node}` replaced by the node name. URLs are `unix:///PATH` or `http://HOST:PORT`.
 //! Channels are created lazily and reused; tonic reconnects them after an agent restart.
+//! Listings cover the named nodes plus those discovered (`csi controller --nodes-from-csinodes`:
+//! the CSINode objects that name our driver), reached through the template.
 
 use super::ids::valid_node;
 use super::status::CsiError;
 use crate::proto::agent::v1::agent_client::AgentClient;
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
@@ -15,6 +17,7 @@ use tonic::transport::{Channel, Endpoint};
 pub struct Agents {
     explicit: BTreeMap<String, String>,
     template: Option<String>,
+    discovered: Mutex<BTreeSet<String>>,
     channels: Mutex<HashMap<String, Channel>>,
 }
 
@@ -55,13 +58,24 @@ impl Agents {
         Ok(Self {
             explicit: explicit.into_iter().collect(),
             template,
+            discovered: Mutex::default(),
             channels: Mutex::default(),
         })
     }
 
-    /// The nodes named with `--agent`, in order: the ones listings and placement cover.
+    /// The nodes named with `--agent` and the discovered ones the template reaches, in order:
+    /// the ones listings and placement without topology cover.
     pub fn nodes(&self) -> Vec<String> {
-        self.explicit.keys().cloned().collect()
+        let mut all: BTreeSet<String> = self.explicit.keys().cloned().collect();
+        if self.template.is_some() {
+            all.extend(self.discovered.lock().iter().cloned());
+        }
+        all.into_iter().collect()
+    }
+
+    /// Replaces the discovered nodes (invalid node names are left out).
+    pub fn set_discovered(&self, nodes: impl IntoIterator<Item = String>) {
+        *self.discovered.lock() = nodes.into_iter().filter(|n| valid_node(n)).collect();
     }
 
     /// Whether `node` has an agent (named, or reachable through the template).
@@ -114,6 +128,11 @@ mod tests {
         assert_eq!(a.url("n2").unwrap(), "unix:///run/n2/agent.sock");
         assert_eq!(a.url("../x y"), None);
         assert_eq!(a.nodes(), vec!["n1".to_string()]);
+        a.set_discovered(["n3".into(), "n1".into(), "../x".into()]);
+        assert_eq!(a.nodes(), vec!["n1".to_string(), "n3".to_string()]);
+        let named_only = Agents::new([("n1".into(), "unix:///a".into())], None).unwrap();
+        named_only.set_discovered(["n3".into()]);
+        assert_eq!(named_only.nodes(), vec!["n1".to_string()], "no URL for n3");
         assert!(Agents::new([], Some("unix:///x".into())).is_err());
         assert!(parse_agent_arg("n1").is_err());
         assert!(parse_agent_arg("n1=/tmp/x").is_err());

@@ -86,6 +86,11 @@ impl ControllerService {
         }
     }
 
+    /// The routing table to the agents (shared: discovery adds nodes to it).
+    pub fn agents(&self) -> Arc<Agents> {
+        self.agents.clone()
+    }
+
     /// The in-flight guards (a caller holding a key makes calls on that object ABORTED).
     pub fn guards(&self) -> &Guards {
         &self.guards

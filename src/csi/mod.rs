@@ -52,6 +52,10 @@ pub struct ControllerConfig {
     /// How long a group snapshot across nodes may hold I/O before it aborts.
     #[arg(long, value_name = "MS", default_value_t = 5000)]
     pub freeze_timeout_ms: u64,
+    /// Also cover, in listings, every node whose CSINode object names this driver (read from
+    /// the Kubernetes API every 30 s; needs `--agent-template`).
+    #[arg(long, requires = "agent_template")]
+    pub nodes_from_csinodes: bool,
 }
 
 /// Why a CSI server could not start or stopped.
@@ -160,6 +164,16 @@ pub fn controller_main(cfg: ControllerConfig) -> Result<(), ServeError> {
     rt.block_on(async {
         let path = endpoint_path(&cfg.endpoint)?;
         let svc = cfg.service()?;
+        if cfg.nodes_from_csinodes {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| ServeError::Config(format!("--nodes-from-csinodes: {e}")))?;
+            tokio::spawn(crate::k8s::csinodes::keep_discovering(
+                client,
+                svc.agents(),
+                Duration::from_secs(30),
+            ));
+        }
         let listener = bind_unix(&path)?;
         tracing::info!(endpoint = %cfg.endpoint, agents = cfg.agents.len(), "CSI controller serving");
         let res = serve_controller(svc, listener, crate::agent::signalled()).await;

@@ -17,6 +17,7 @@
 pub mod api;
 pub mod crd;
 pub mod csi_client;
+pub mod csinodes;
 pub mod driver;
 pub mod group;
 pub mod names;
