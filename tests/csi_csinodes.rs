@@ -88,22 +88,16 @@ fn listings_cover_the_nodes_whose_csinode_names_our_driver() {
                 .map(|e| e.volume.unwrap().volume_id)
                 .collect::<BTreeSet<String>>()
         };
-        let v1 = svc
-            .create_volume(Request::new(volume_req("pvc-1", "n1")))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap()
-            .volume_id;
-        let v2 = svc
-            .create_volume(Request::new(volume_req("pvc-2", "n2")))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap()
-            .volume_id;
+        let create = |name: &'static str, node: &'static str| async {
+            svc.create_volume(Request::new(volume_req(name, node)))
+                .await
+                .unwrap()
+                .into_inner()
+                .volume
+                .unwrap()
+                .volume_id
+        };
+        let (v1, v2) = (create("pvc-1", "n1").await, create("pvc-2", "n2").await);
         let s2 = svc
             .create_snapshot(Request::new(c::CreateSnapshotRequest {
                 source_volume_id: v2.clone(),
