@@ -94,6 +94,19 @@ impl Cluster {
         self.block_on(a.client())
     }
 
+    /// CreateVolume through `ctl`, which must succeed.
+    fn create(
+        &self,
+        ctl: &mut ControllerClient<Channel>,
+        req: c::CreateVolumeRequest,
+    ) -> c::Volume {
+        self.block_on(ctl.create_volume(req))
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+    }
+
     fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         self.rt.as_ref().unwrap().block_on(f)
     }
@@ -321,11 +334,7 @@ fn an_attached_volume_grows_once_no_client_has_it() {
     let cl = Cluster::new(&["n1"]);
     let mut ctl = cl.ctl();
     let v = cl
-        .block_on(ctl.create_volume(vol_req("pvc-attached", MIB, 0)))
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
+        .create(&mut ctl, vol_req("pvc-attached", MIB, 0))
         .volume_id;
     let agent_id = ids::parse(ids::Kind::Volume, &v).unwrap().id;
     let clients = || {
@@ -393,22 +402,12 @@ fn an_attached_volume_grows_once_no_client_has_it() {
 fn create_volume_is_idempotent_and_follows_capacity_and_topology() {
     let cl = Cluster::new(&["n1", "n2"]);
     let mut ctl = cl.ctl();
-    let v = cl
-        .block_on(ctl.create_volume(on_node(vol_req("pvc-a", 3 * MIB + 1, 0), "n2")))
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v = cl.create(&mut ctl, on_node(vol_req("pvc-a", 3 * MIB + 1, 0), "n2"));
     assert_eq!(v.capacity_bytes, 4 * MIB, "rounded up to whole MiB");
     assert!(v.volume_id.starts_with("vol:n2:"), "{}", v.volume_id);
     assert_eq!(v.accessible_topology, vec![topo("n2")]);
     // Same name, compatible range: the same volume.
-    let again = cl
-        .block_on(ctl.create_volume(on_node(vol_req("pvc-a", 4 * MIB, 8 * MIB), "n2")))
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let again = cl.create(&mut ctl, on_node(vol_req("pvc-a", 4 * MIB, 8 * MIB), "n2"));
     assert_eq!(again.volume_id, v.volume_id);
     // Same name, incompatible range.
     let (code_, msg) =
@@ -420,20 +419,10 @@ fn create_volume_is_idempotent_and_follows_capacity_and_topology() {
         requisite: vec![topo("n2"), topo("n1")],
         preferred: vec![topo("n1")],
     });
-    let b = cl
-        .block_on(ctl.create_volume(r))
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let b = cl.create(&mut ctl, r);
     assert!(b.volume_id.starts_with("vol:n1:"));
     // Exact size below a MiB multiple: the limit wins over rounding.
-    let e = cl
-        .block_on(ctl.create_volume(vol_req("pvc-exact", 4096 * 3, 4096 * 3)))
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let e = cl.create(&mut ctl, vol_req("pvc-exact", 4096 * 3, 4096 * 3));
     assert_eq!(e.capacity_bytes, 4096 * 3);
     // A 128-byte name is fine; 129 is not.
     let long = "n".repeat(128);
@@ -559,12 +548,7 @@ fn snapshots_restores_and_clones_read_at_once() {
     }
     let cl = Cluster::new(&["n1"]);
     let mut ctl = cl.ctl();
-    let v = cl
-        .block_on(ctl.create_volume(vol_req("pvc-src", 4 * MIB, 0)))
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v = cl.create(&mut ctl, vol_req("pvc-src", 4 * MIB, 0));
     qemu_io(&cl.nbd_of_volume(&v.volume_id), &["write -P 0xaa 0 1M"]);
     let s = cl
         .block_on(ctl.create_snapshot(snap_req("snap-1", &v.volume_id)))
@@ -635,12 +619,7 @@ fn snapshots_restores_and_clones_read_at_once() {
     assert_eq!(got, s);
 
     // Restore with copy rate 0: readable at once, through the cascade.
-    let r = cl
-        .block_on(ctl.create_volume(from_snapshot("pvc-restore", &s.snapshot_id, "0")))
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let r = cl.create(&mut ctl, from_snapshot("pvc-restore", &s.snapshot_id, "0"));
     assert_eq!(r.capacity_bytes, 4 * MIB);
     assert!(r.content_source.is_some());
     qemu_io(
@@ -660,12 +639,7 @@ fn snapshots_restores_and_clones_read_at_once() {
         required_bytes: 8 * MIB,
         limit_bytes: 0,
     });
-    let big = cl
-        .block_on(ctl.create_volume(big))
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let big = cl.create(&mut ctl, big);
     assert_eq!(big.capacity_bytes, 8 * MIB);
     qemu_io(
         &cl.nbd_of_volume(&big.volume_id),
@@ -695,12 +669,7 @@ fn snapshots_restores_and_clones_read_at_once() {
     // mapping goes away by itself (autodelete).
     let mut cr = from_volume("pvc-clone", &v.volume_id);
     cr.parameters = HashMap::from([("copyRate".to_string(), "150".to_string())]);
-    let k = cl
-        .block_on(ctl.create_volume(cr))
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let k = cl.create(&mut ctl, cr);
     qemu_io(
         &cl.nbd_of_volume(&k.volume_id),
         &[
@@ -780,12 +749,7 @@ fn snapshots_restores_and_clones_read_at_once() {
 fn deleted_source_stays_hidden_until_its_last_snapshot_goes() {
     let cl = Cluster::new(&["n1"]);
     let mut ctl = cl.ctl();
-    let v = cl
-        .block_on(ctl.create_volume(vol_req("pvc-src", 8 * MIB, 0)))
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v = cl.create(&mut ctl, vol_req("pvc-src", 8 * MIB, 0));
     if have("qemu-io") {
         qemu_io(&cl.nbd_of_volume(&v.volume_id), &["write -P 0x5c 0 2M"]);
     }
@@ -826,12 +790,7 @@ fn deleted_source_stays_hidden_until_its_last_snapshot_goes() {
     let (got, msg) = code(cl.block_on(ctl.create_snapshot(snap_req("s-late", &v.volume_id))));
     assert_eq!(got, Code::NotFound, "{msg}");
     // A same-named volume is a new one.
-    let v2 = cl
-        .block_on(ctl.create_volume(vol_req("pvc-src", 8 * MIB, 0)))
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v2 = cl.create(&mut ctl, vol_req("pvc-src", 8 * MIB, 0));
     assert_ne!(v2.volume_id, v.volume_id);
     cl.block_on(ctl.delete_volume(c::DeleteVolumeRequest {
         volume_id: v2.volume_id.clone(),
@@ -996,11 +955,7 @@ fn group_snapshot_on(nodes: &[&str]) {
     for (i, n) in ["db-log", "db-data"].iter().enumerate() {
         let node = nodes[i % nodes.len()];
         vols.push(
-            cl.block_on(ctl.create_volume(on_node(vol_req(n, 2 * MIB, 0), node)))
-                .unwrap()
-                .into_inner()
-                .volume
-                .unwrap()
+            cl.create(&mut ctl, on_node(vol_req(n, 2 * MIB, 0), node))
                 .volume_id,
         );
     }
@@ -1182,14 +1137,7 @@ fn the_snapshot_controllers_extra_metadata_parameters_are_accepted() {
     let mut g = cl.grp();
     let mut vols = Vec::new();
     for n in ["pvc-a", "pvc-b"] {
-        vols.push(
-            cl.block_on(ctl.create_volume(vol_req(n, MIB, 0)))
-                .unwrap()
-                .into_inner()
-                .volume
-                .unwrap()
-                .volume_id,
-        );
+        vols.push(cl.create(&mut ctl, vol_req(n, MIB, 0)).volume_id);
     }
     let class = [("copyRate".to_string(), "0".to_string())].into();
     let mut req = snap_req("snapshot-vs-uid-1", &vols[0]);
@@ -1435,13 +1383,7 @@ fn freeze_commit_and_thaw_on_one_agent() {
 fn a_second_call_on_a_busy_volume_is_aborted() {
     let cl = Cluster::new(&["n1"]);
     let mut ctl = cl.ctl();
-    let v = cl
-        .block_on(ctl.create_volume(vol_req("pvc-busy", MIB, 0)))
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let v = cl.create(&mut ctl, vol_req("pvc-busy", MIB, 0)).volume_id;
     let held = cl.svc.guards().take([format!("volume {v}")]).unwrap();
     let (got, msg) = code(cl.block_on(ctl.create_snapshot(snap_req("s", &v))));
     assert_eq!(got, Code::Aborted, "{msg}");
@@ -1533,13 +1475,7 @@ fn unknown_ids_and_missing_fields_get_the_spec_codes() {
         code(cl.block_on(ctl.create_snapshot(snap_req("s", "")))).0,
         Code::InvalidArgument
     );
-    let v = cl
-        .block_on(ctl.create_volume(vol_req("pvc-x", MIB, 0)))
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let v = cl.create(&mut ctl, vol_req("pvc-x", MIB, 0)).volume_id;
     let mut bad_param = snap_req("s", &v);
     bad_param.parameters = HashMap::from([("grainSize".to_string(), "128".to_string())]);
     let (got, msg) = code(cl.block_on(ctl.create_snapshot(bad_param)));
@@ -1624,12 +1560,7 @@ fn unknown_ids_and_missing_fields_get_the_spec_codes() {
     assert_eq!(snap_now.size_bytes, 2 * MIB);
     // A volume whose size ends inside a grain is copied only at its own size; a larger copy
     // is refused and leaves nothing behind.
-    let odd = cl
-        .block_on(ctl.create_volume(vol_req("pvc-odd", MIB + 1, MIB + 512)))
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let odd = cl.create(&mut ctl, vol_req("pvc-odd", MIB + 1, MIB + 512));
     assert_eq!(odd.capacity_bytes, MIB + 512);
     let agent_vols = cl.agent_volumes("n1").len();
     let mut bigger = from_volume("pvc-odd-big", &odd.volume_id);
@@ -1641,12 +1572,7 @@ fn unknown_ids_and_missing_fields_get_the_spec_codes() {
     assert_eq!(got, Code::OutOfRange, "{msg}");
     assert!(msg.contains("request exactly 1049088 bytes"), "{msg}");
     assert_eq!(cl.agent_volumes("n1").len(), agent_vols);
-    let same = cl
-        .block_on(ctl.create_volume(from_volume("pvc-odd-copy", &odd.volume_id)))
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let same = cl.create(&mut ctl, from_volume("pvc-odd-copy", &odd.volume_id));
     assert_eq!(same.capacity_bytes, MIB + 512);
     // Group calls with missing ids.
     let mut g = cl.grp();
