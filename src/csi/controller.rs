@@ -352,18 +352,12 @@ pub fn choose_size(
     } else {
         DEFAULT_VOLUME_BYTES
     };
-    fit_size(want, lim).and_then(|size| {
-        if size < req.max(1) {
-            Err(no_fit(req, lim))
-        } else {
-            Ok(size)
-        }
-    })
+    fit_size(want, lim)
 }
 
 /// `want` rounded up to whole MiB when `limit` (0 = unset) allows it (file systems like
 /// aligned sizes, and FlashCopy maps volumes of different sizes only in whole grains), else
-/// to sectors.
+/// to sectors; OUT_OF_RANGE when no multiple of 512 from `want` up to `limit` exists.
 fn fit_size(want: u64, lim: u64) -> Result<u64, CsiError> {
     const MIB: u64 = 1 << 20;
     let mut size = want.div_ceil(MIB) * MIB;
@@ -373,7 +367,7 @@ fn fit_size(want: u64, lim: u64) -> Result<u64, CsiError> {
     if lim > 0 && size > lim {
         size = lim / 512 * 512;
     }
-    if size == 0 {
+    if size == 0 || size < want {
         return Err(no_fit(want, lim));
     }
     Ok(size)
@@ -1314,9 +1308,6 @@ impl Controller for ControllerService {
             Some(csi::volume_capability::AccessType::Block(_))
         );
         let want = fit_size(req_b as u64, lim as u64)?;
-        if want < req_b as u64 {
-            return Err(no_fit(req_b as u64, lim as u64).into());
-        }
         if want <= v.size_bytes {
             return Ok(Response::new(csi::ControllerExpandVolumeResponse {
                 capacity_bytes: v.size_bytes as i64,
@@ -1462,6 +1453,15 @@ mod tests {
             .unwrap(),
             8 * MIB + 512
         );
+        // No multiple of 512 lies between required and limit: refused, never the source's
+        // size below what was required.
+        assert!(matches!(
+            choose_size(
+                Some(&range(8 * MIB as i64 + 1, 8 * MIB as i64 + 100)),
+                Some(8 * MIB)
+            ),
+            Err(CsiError::OutOfRange(_))
+        ));
     }
 
     #[test]
