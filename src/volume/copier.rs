@@ -171,7 +171,7 @@ impl Pool {
                     (_, None) => {
                         let (written, n) = self.run_copies(&p, gb)?;
                         bytes += n;
-                        dirty.extend(written);
+                        dirty.extend(written.into_iter().map(|(_, s)| s));
                     }
                 }
             }

@@ -891,8 +891,10 @@ impl Pool {
         // stops, as for a failed copy) from this volume's own.
         let mut dirty_vols = Vec::new();
         for ((g, r), plan) in slow.iter().zip(plans) {
-            dirty.extend(self.run_copies(&plan, gb)?.0);
-            dirty_vols.extend(plan.copies.iter().filter(|c| c.from != c.to).map(|c| c.to));
+            for (v, s) in self.run_copies(&plan, gb)?.0 {
+                dirty_vols.push(v);
+                dirty.push(s);
+            }
             self.stats
                 .cow_grains
                 .fetch_add(plan.copies.len() as u64, Ordering::Relaxed);
@@ -939,14 +941,15 @@ impl Pool {
         Ok(self.store(vol).flush()?)
     }
 
-    /// Executes a plan's copies in order; returns the stores written and the bytes copied.
+    /// Executes a plan's copies in order; returns the volumes written with their stores, and
+    /// the bytes copied.
     /// Volumes of one cascade may differ in size: each copy reads the grain with zeros past
     /// the source store's end and writes what fits in the target store.
     fn run_copies(
         &self,
         plan: &crate::engine::GrainPlan,
         gb: u64,
-    ) -> Result<(Vec<Arc<dyn BlockStore>>, u64), VolumeError> {
+    ) -> Result<(Written, u64), VolumeError> {
         let start = plan.grain * gb;
         let mut buf = vec![
             0u8;
@@ -967,7 +970,7 @@ impl Pool {
                 .and_then(|()| write_clipped(&*to, &buf, start))
                 .map_err(|e| self.copy_io(c.to, plan, e))?;
             bytes += n;
-            dirty.push(to);
+            dirty.push((c.to, to));
         }
         Ok((dirty, bytes))
     }
@@ -996,6 +999,9 @@ impl Pool {
         self.committer.checkpoint(&self.engine)
     }
 }
+
+/// The volumes a plan's copies wrote, each with its store (to flush before the marks commit).
+type Written = Vec<(VolId, Arc<dyn BlockStore>)>;
 
 /// Reads `buf` from `store` at `offset`, with zeros past the store's end: a mapping between
 /// volumes of different sizes maps whole grains, and the last one may end past the smaller
