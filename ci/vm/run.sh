@@ -4,13 +4,15 @@
 #   ci/vm/run.sh [--timeout SECS] [--mem MIB] [--share DIR]... [--dmesg FILE] [-v] -- COMMAND [ARGS...]
 #
 # Inside: the host's /usr read-only (so host tools and host-built binaries run unchanged), the git
-# toplevel and each --share DIR read-write at the same path, tmpfs /tmp and /run, the modules nbd
-# (nbds_max=16), loop, ext4, xfs, fuse loaded (ublk_drv and the others via modprobe). COMMAND runs
-# with the host's bash from the caller's directory. Its stdout and stderr come out here (serial
-# lines), its exit status is run.sh's. A VM that times out (124) or ends without a status, e.g. on
-# a kernel panic (125), says so on stderr. --dmesg FILE saves the VM's kernel log (dmesg works inside
-# too). -v prints the boot time. Environment passed in: CI, RUST_LOG, RUST_BACKTRACE,
-# RUST_TEST_THREADS, FLASHCOPY_*.
+# toplevel and each --share DIR read-write at the same path, tmpfs /tmp and /run, lo up, the modules
+# nbd (nbds_max=16), loop, ext4, xfs, fuse loaded (ublk_drv, overlay via modprobe). COMMAND runs as
+# root with the host's bash from the caller's directory, stdin /dev/null, FLASHCOPY_VM=1 and the
+# caller's CI, RUST_LOG, RUST_BACKTRACE, RUST_LIB_BACKTRACE, RUST_TEST_THREADS and FLASHCOPY_*.
+# Its stdout and stderr come out here (through two serial ports), its exit status is run.sh's.
+# A VM that times out exits with 124, one that ends without a status (a kernel panic, a failed
+# /init) with 125, saying so on stderr. --dmesg FILE saves the VM's kernel log (`dmesg` works
+# inside too; the console shows only critical kernel messages). -v prints the boot time.
+# Several run.sh can run at once. ci/vm/setup.sh runs first (quick when the cache is current).
 set -euo pipefail
 
 usage() {
@@ -74,7 +76,7 @@ done
 
 # /etc for host tools (users, name service, ld.so's cache, mke2fs.conf), copied at boot.
 mkdir -p "$ctl/etc"
-for f in passwd group shadow nsswitch.conf hosts services protocols ld.so.cache ld.so.conf \
+for f in passwd group nsswitch.conf hosts services protocols ld.so.cache ld.so.conf \
   ld.so.conf.d mke2fs.conf localtime lvm; do
   if [ -e "/etc/$f" ]; then cp -aL "/etc/$f" "$ctl/etc/"; fi
 done
@@ -86,6 +88,7 @@ done
   for v in CI RUST_LOG RUST_BACKTRACE RUST_LIB_BACKTRACE RUST_TEST_THREADS $(compgen -e FLASHCOPY_); do
     [ -n "${!v+set}" ] && printf 'export %s=%q\n' "$v" "${!v}"
   done
+  echo 'export FLASHCOPY_VM=1 # tests can tell they run in the VM'
   printf 'cd -- %q || exit 125\n' "$PWD"
   printf 'exec'
   printf ' %q' "$@"
@@ -100,15 +103,26 @@ errcat=$!
 bios=()
 [ -e /usr/share/qemu/qboot.rom ] && bios=(-bios /usr/share/qemu/qboot.rom)
 start=$(date +%s.%N)
-status=0
+# In the background so that an interrupt here stops the VM: timeout runs qemu in its own process
+# group, out of reach of the terminal's Ctrl-C.
 timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 \
   -accel tcg,thread=multi -cpu max -smp 1 -m "$mem" "${bios[@]}" \
   -nographic -monitor none -no-reboot -net none \
   -chardev stdio,id=out -serial chardev:out \
   -chardev "pipe,id=err,path=$ctl/err" -serial chardev:err \
   -kernel "$vm/vmlinuz" -initrd "$vm/initramfs.cpio" \
-  -append "console=ttyS0 panic=-1 quiet loglevel=3 mitigations=off i8042.noaux i8042.nokbd rdinit=/init" \
-  "${qemu_args[@]}" </dev/null || status=$?
+  -append "console=ttyS0 panic=-1 quiet loglevel=3 mitigations=off i8042.noaux i8042.nokbd" \
+  "${qemu_args[@]}" </dev/null &
+vm_pid=$!
+interrupted=0
+trap 'interrupted=1; kill -TERM "$vm_pid" 2>/dev/null' INT TERM HUP
+status=0
+wait "$vm_pid" || status=$?
+if [ $interrupted = 1 ]; then
+  wait "$vm_pid" 2>/dev/null || true
+  echo "run.sh: interrupted, the VM is stopped" >&2
+  exit 130
+fi
 end=$(date +%s.%N)
 # Let the copy of stderr end even if qemu never opened the FIFO.
 exec 8<>"$ctl/err.out"

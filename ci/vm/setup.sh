@@ -196,7 +196,7 @@ while read -r m; do
   insmod "/lib/modules/$kver/$m" || die "insmod $m failed"
 done </lib/modules/boot.order
 o=trans=virtio,version=9p2000.L,msize=524288
-mount -t 9p -o "$o,ro" hostusr /usr || die "cannot mount the host's /usr"
+mount -t 9p -o "$o,ro,cache=loose" hostusr /usr || die "cannot mount the host's /usr"
 mkdir -p $ctl
 mount -t 9p -o "$o" ctl $ctl || die "cannot mount the control share"
 for e in /usr/lib/*; do
