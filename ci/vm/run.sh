@@ -100,6 +100,8 @@ mkfifo "$ctl/err.in" "$ctl/err.out"
 cat "$ctl/err.out" >&2 &
 errcat=$!
 
+kernel=$vm/vmlinuz
+[ -e "$vm/vmlinux" ] && kernel=$vm/vmlinux # the PVH entry, no decompression
 bios=()
 [ -e /usr/share/qemu/qboot.rom ] && bios=(-bios /usr/share/qemu/qboot.rom)
 start=$(date +%s.%N)
@@ -110,7 +112,7 @@ timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 \
   -nographic -monitor none -no-reboot -net none \
   -chardev stdio,id=out -serial chardev:out \
   -chardev "pipe,id=err,path=$ctl/err" -serial chardev:err \
-  -kernel "$vm/vmlinuz" -initrd "$vm/initramfs.cpio" \
+  -kernel "$kernel" -initrd "$vm/initramfs.cpio" \
   -append "console=ttyS0 panic=-1 quiet loglevel=3 mitigations=off i8042.noaux i8042.nokbd" \
   "${qemu_args[@]}" </dev/null &
 vm_pid=$!

@@ -232,6 +232,15 @@ chmod 755 "$root/init"
 mkdir -p "$tmp/build"
 mv "$tmp/initramfs.cpio" "$tmp/build/"
 cp "$kroot/boot/vmlinuz-$kver" "$tmp/build/vmlinuz"
+# The uncompressed ELF kernel boots through its PVH entry: no decompression under TCG, 1.5 s
+# less per boot. Debian compresses with zstd; run.sh falls back to vmlinuz if this finds nothing.
+off=$(LC_ALL=C grep -obUaP '\x28\xb5\x2f\xfd' "$tmp/build/vmlinuz" | head -1 | cut -d: -f1 || true)
+if [ -n "$off" ]; then
+  tail -c +$((off + 1)) "$tmp/build/vmlinuz" | zstd -dcq >"$tmp/build/vmlinux" 2>/dev/null || true
+  if ! readelf -n "$tmp/build/vmlinux" 2>/dev/null | grep -E 'Xen.*(PHYS32_ENTRY|0x00000012)' >/dev/null; then
+    rm -f "$tmp/build/vmlinux"
+  fi
+fi
 echo "$kver" >"$tmp/build/version"
 echo "$stamp" >"$tmp/build/stamp"
 rm -rf "$build"
