@@ -89,7 +89,7 @@ done
     [ -n "${!v+set}" ] && printf 'export %s=%q\n' "$v" "${!v}"
   done
   echo 'export FLASHCOPY_VM=1 # tests can tell they run in the VM'
-  printf 'cd -- %q || exit 125\n' "$PWD"
+  printf 'cd -- %q || exit 125\n' "$(pwd -P)"
   printf 'exec'
   printf ' %q' "$@"
   printf '\n'

@@ -43,7 +43,7 @@ flock 9 # concurrent run.sh/setup.sh wait here instead of building twice
 # Host packages: the VM runs the host's /usr, so the tools used inside are installed here too.
 need=()
 installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
-for p in busybox-static cpio kmod e2fsprogs xfsprogs nbd-client xz-utils; do
+for p in busybox-static cpio kmod e2fsprogs xfsprogs nbd-client xz-utils zstd; do
   installed "$p" || need+=("$p")
 done
 if ! installed qemu-system-x86; then
@@ -171,7 +171,7 @@ for m in "${boot_modules[@]}"; do deps_of "$m"; done | sed -E 's/\.ko\.(xz|zst|g
 
 cat >"$root/init" <<'EOF'
 #!/bb/sh
-# /init of the flashcopy test VM (written by ci/vm/setup.sh; ci/vm/run.sh prepares /ctl's files).
+# /init of the flashcopy test VM (written by ci/vm/setup.sh; ci/vm/run.sh fills the $ctl share).
 export PATH=/bb
 ctl=/run/flashcopy-vm
 die() {
