@@ -52,6 +52,14 @@ if [ "${1:-}" = --inside ]; then
   nbd-client -d /dev/nbd0 >/dev/null 2>&1 || fail "nbd-client -d"
   ok "ext4 on /dev/nbd0: 4 MiB written with O_DIRECT, read back after a remount"
 
+  # The same over TCP on the loopback interface (how an agent serves its exports).
+  qemu-nbd -b 127.0.0.1 -p 10809 -f raw -t /tmp/pattern &
+  for _ in $(seq 50); do nbd-client -l 127.0.0.1 >/dev/null 2>&1 && break; sleep 0.1; done
+  nbd-client 127.0.0.1 10809 /dev/nbd1 >/dev/null 2>&1 || fail "nbd-client over TCP"
+  cmp /tmp/pattern /dev/nbd1 || fail "/dev/nbd1 over TCP does not read the served file"
+  nbd-client -d /dev/nbd1 >/dev/null 2>&1 || fail "nbd-client -d /dev/nbd1"
+  ok "/dev/nbd1 over TCP on 127.0.0.1 reads the served file"
+
   truncate -s 320M /tmp/xfs.img
   loop=$(losetup -f --show /tmp/xfs.img) || fail "losetup"
   { mkfs.xfs -q "$loop" && mount "$loop" /mnt/nbd; } || fail "xfs on $loop"
