@@ -188,12 +188,12 @@ impl Plugin {
         let dir = tmp.path().canonicalize().unwrap();
         let cleanup = Cleanup(dir.clone());
         let agent = Agent::start(&dir.join("data"));
-        let cfg = NodeConfig {
-            endpoint: format!("unix://{}/csi.sock", dir.display()),
-            node_id: NODE.into(),
-            agent: agent.uri(),
-            state_dir: dir.join("state"),
-        };
+        let cfg = NodeConfig::new(
+            format!("unix://{}/csi.sock", dir.display()),
+            NODE.into(),
+            agent.uri(),
+            dir.join("state"),
+        );
         let svc = cfg.service().unwrap();
         let listener = flashcopy_csi::csi::bind_unix(&dir.join("csi.sock")).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
