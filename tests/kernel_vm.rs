@@ -8,6 +8,7 @@
 //! Timings inside the VM are emulated (TCG): they compare restarts with each other, nothing more.
 
 mod csi_common;
+mod skip;
 
 use csi::volume_capability::access_mode::Mode;
 use csi_common::{block_cap, create_req, mount_cap};
@@ -40,19 +41,10 @@ fn kernel_vm() {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let missing: Vec<&str> = ["qemu-system-x86_64", "busybox", "cpio"]
-        .into_iter()
-        .filter(|b| !on_path(b))
-        .collect();
-    if !missing.is_empty() {
-        skip(&format!(
-            "the kernel VM tests need {} (ci/vm/setup.sh installs them)",
-            missing.join(", ")
-        ));
+    // ci/test.sh installs these with ci/vm/setup.sh (as root with apt).
+    if !skip::have_all(&["qemu-system-x86_64", "busybox", "cpio"]) {
         return;
     }
-    let setup = Command::new(root.join("ci/vm/setup.sh")).status().unwrap();
-    assert!(setup.success(), "ci/vm/setup.sh failed: {setup}");
     let exe = std::env::current_exe().unwrap();
     // The build directory (target/debug/deps/..) must be visible inside at the same path.
     let target = exe.ancestors().nth(3).unwrap().to_path_buf();
@@ -70,28 +62,6 @@ fn kernel_vm() {
         .unwrap();
     println!("kernel VM run: {st} in {:.0?}", t0.elapsed());
     assert!(st.success(), "the tests inside the kernel VM failed: {st}");
-}
-
-fn on_path(bin: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
-}
-
-/// A test that cannot run here says so where a person sees it, and fails under CI.
-fn skip(why: &str) {
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must run this test: {why}"
-    );
-    eprintln!("SKIPPED kernel_vm: {why}");
-    if let Some(log) = std::env::var_os("FLASHCOPY_SKIP_LOG") {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        writeln!(f, "kernel_vm: {why}").unwrap();
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
