@@ -87,7 +87,9 @@ fn snapshots_under_concurrent_writes_hold_exactly_their_point_in_time() {
     let snaps: Mutex<Vec<Snap>> = Mutex::new(Vec::new());
     let stopped: Mutex<Vec<MapId>> = Mutex::new(Vec::new());
     let (bg_steps, clean_steps) = (AtomicU64::new(0), AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_millis(1500);
+    // CONCURRENCY_MS runs it longer by hand; CI runs the default in several instances at once.
+    let ms = std::env::var("CONCURRENCY_MS").map_or(1500, |v| v.parse().unwrap());
+    let deadline = Instant::now() + Duration::from_millis(ms);
 
     std::thread::scope(|s| {
         for t in 0..writers {
@@ -315,46 +317,73 @@ fn group_snapshots_never_tear_dependent_writes() {
     );
 }
 
-/// Issue 10, part 1, forced step by step: a background step of the newest snapshot copies a
-/// grain; a first write to the grain plans its copy-on-write; the step's mark becomes visible;
-/// a second write to the grain, which now needs no copy, changes the source; the first write's
-/// copy runs. The snapshot must hold the grain as it was when it started, whether or not the
-/// pool lets the first write plan before the step's mark is committed.
-#[test]
-fn a_background_mark_never_lands_between_a_writes_plan_and_its_copy() {
-    use std::sync::mpsc::{Receiver, channel};
-    let pool = Pool::open(
-        MetaFiles::in_memory(),
-        Arc::new(MemBackend::default()),
-        PoolConfig::default(),
-    )
-    .unwrap();
-    let size = 64 << 10; // one grain
-    let src = pool.create_volume("src", size).unwrap();
-    let chunk = |v: u32| v.to_le_bytes().repeat(CHUNK / 4);
-    for c in 0..size as usize / CHUNK {
-        pool.write(src, (c * CHUNK) as u64, &chunk(c as u32))
-            .unwrap();
-    }
-    let target = pool.create_volume("snap", size).unwrap();
+/// A one-grain volume whose chunk c holds c, and a snapshot of it with 64 KiB grains, started.
+fn one_grain_snapshot(pool: &Pool, name: &str) -> (VolId, MapId) {
+    let size = GRAIN as u64;
+    let existing = pool.engine().volume_by_name("src").map(|v| v.id);
+    let src = match existing {
+        Some(v) => v,
+        None => {
+            let src = pool.create_volume("src", size).unwrap();
+            for c in 0..GRAIN / CHUNK {
+                pool.write(src, (c * CHUNK) as u64, &chunk(c as u32))
+                    .unwrap();
+            }
+            src
+        }
+    };
+    let target = pool.create_volume(name, size).unwrap();
     let mut spec = MappingSpec::snapshot(src, target);
     spec.grain = Some(GrainSize::K64);
     let map = pool.create_mapping(spec).unwrap();
     pool.start_mapping(map, true, false).unwrap();
+    (target, map)
+}
 
-    // The background step parks before its commit, the first write after its plan; the test
-    // hears where the writer stopped (planned, or waiting for a grain lock) and lets each go.
-    let (bg_parked, bg_parked_rx) = channel();
-    let (bg_go, bg_go_rx) = channel::<()>();
+const GRAIN: usize = 64 << 10;
+
+fn chunk(v: u32) -> Vec<u8> {
+    v.to_le_bytes().repeat(CHUNK / 4)
+}
+
+/// The value of each chunk of `vol`, which must not be torn.
+fn chunks(pool: &Pool, vol: VolId) -> Vec<u32> {
+    let mut buf = vec![0u8; GRAIN];
+    pool.read(vol, 0, &mut buf).unwrap();
+    buf.chunks(CHUNK)
+        .map(|c| {
+            let v = u32::from_le_bytes(c[..4].try_into().unwrap());
+            assert_eq!(c, &chunk(v)[..], "a torn chunk of {vol}");
+            v
+        })
+        .collect()
+}
+
+/// Issue 10, part 1, forced step by step: a copy `step` (background copy or cleaning) copies
+/// the grain into `image`; a first write to `written` plans the copy-on-write into `image`; the
+/// step's mark becomes visible; a second write to the grain, which now needs no copy, changes
+/// `written`; the first write's copy runs. `image` must still hold its point in time (chunk c
+/// holds c), whether or not the pool lets the first write plan before the step's mark commits.
+fn force_mark_between_plan_and_copy(
+    pool: &Pool,
+    step: impl FnOnce() -> Step + Send,
+    written: VolId,
+    image: VolId,
+) {
+    use std::sync::mpsc::{Receiver, channel};
+    // The step parks before its commit, the first write after its plan; the test hears where
+    // the writer stopped (planned, or about to wait for a grain lock) and lets each go.
+    let (step_parked, step_parked_rx) = channel();
+    let (step_go, step_go_rx) = channel::<()>();
     let (writer_at, writer_at_rx) = channel();
     let (writer_go, writer_go_rx) = channel::<()>();
-    let gates = Mutex::new((bg_go_rx, writer_go_rx));
+    let gates = Mutex::new((step_go_rx, writer_go_rx));
     let wait = |rx: &Receiver<()>| rx.recv_timeout(Duration::from_secs(20)).unwrap();
     pool.set_test_hook(move |p| {
         let me = std::thread::current();
         match (me.name(), p) {
-            (Some("bg"), HookPoint::BatchCopied { .. }) => {
-                bg_parked.send(()).unwrap();
+            (Some("step"), HookPoint::BatchCopied { .. }) => {
+                step_parked.send(()).unwrap();
                 wait(&gates.lock().0);
             }
             (Some("writer"), HookPoint::LockWait) => writer_at.send(p).unwrap(),
@@ -367,48 +396,74 @@ fn a_background_mark_never_lands_between_a_writes_plan_and_its_copy() {
     });
     let timeout = Duration::from_secs(20);
     std::thread::scope(|s| {
-        let pool = &pool;
-        let bg = std::thread::Builder::new()
-            .name("bg".into())
-            .spawn_scoped(s, move || pool.background_step(map, 0).unwrap())
+        let step = std::thread::Builder::new()
+            .name("step".into())
+            .spawn_scoped(s, step)
             .unwrap();
-        bg_parked_rx.recv_timeout(timeout).expect("the step copies");
+        step_parked_rx
+            .recv_timeout(timeout)
+            .expect("the step copies");
         let writer = std::thread::Builder::new()
             .name("writer".into())
-            .spawn_scoped(s, move || {
-                pool.write(src, CHUNK as u64, &chunk(0xA1)).unwrap()
+            .spawn_scoped(s, || {
+                pool.write(written, CHUNK as u64, &chunk(0xA1)).unwrap()
             })
             .unwrap();
-        // Planned (its copy has not run) or about to wait for the step's grain lock.
         let first = writer_at_rx
             .recv_timeout(timeout)
             .expect("the writer plans or waits");
-        bg_go.send(()).unwrap();
-        bg.join().unwrap();
-        // The grain is split now: this write needs no copy and goes straight to the source.
-        pool.write(src, 2 * CHUNK as u64, &chunk(0xB2)).unwrap();
+        step_go.send(()).unwrap();
+        assert!(matches!(step.join().unwrap(), Step::Copied { .. }));
+        // The grain is split now: this write needs no copy and goes straight to the store.
+        pool.write(written, 2 * CHUNK as u64, &chunk(0xB2)).unwrap();
         writer_go.send(()).unwrap();
         writer.join().unwrap();
         eprintln!("the writer first stopped at {first:?}");
     });
-
-    let mut buf = vec![0u8; size as usize];
-    pool.read(target, 0, &mut buf).unwrap();
-    let values = |buf: &[u8]| -> Vec<u32> {
-        buf.chunks(CHUNK)
-            .map(|c| {
-                let v = u32::from_le_bytes(c[..4].try_into().unwrap());
-                assert_eq!(c, &chunk(v)[..], "a torn chunk");
-                v
-            })
-            .collect()
-    };
-    let before: Vec<u32> = (0..size as u32 / CHUNK as u32).collect();
+    let before: Vec<u32> = (0..(GRAIN / CHUNK) as u32).collect();
     assert_eq!(
-        values(&buf),
+        chunks(pool, image),
         before,
-        "the snapshot holds chunks written after its start"
+        "{image} holds chunks written after its start"
     );
-    pool.read(src, 0, &mut buf).unwrap();
-    assert_eq!(values(&buf)[1..3], [0xA1, 0xB2]);
+    assert_eq!(chunks(pool, written)[1..3], [0xA1, 0xB2]);
+}
+
+/// The step is a background copy of the newest snapshot; the writes go to the source.
+#[test]
+fn a_background_mark_never_lands_between_a_writes_plan_and_its_copy() {
+    let pool = Pool::open(
+        MetaFiles::in_memory(),
+        Arc::new(MemBackend::default()),
+        PoolConfig::default(),
+    )
+    .unwrap();
+    let (target, map) = one_grain_snapshot(&pool, "snap");
+    let src = pool.engine().volume_by_name("src").unwrap().id;
+    let step = || pool.background_step(map, 0).unwrap();
+    force_mark_between_plan_and_copy(&pool, step, src, target);
+}
+
+/// The step is the cleaning of a stopped snapshot (complete, so its target stays online) into
+/// the older snapshot that reads through it; the writes go to the stopped snapshot's target.
+#[test]
+fn a_cleaning_mark_never_lands_between_a_writes_plan_and_its_copy() {
+    let pool = Pool::open(
+        MetaFiles::in_memory(),
+        Arc::new(MemBackend::default()),
+        PoolConfig::default(),
+    )
+    .unwrap();
+    let (older, _) = one_grain_snapshot(&pool, "older");
+    let (newer, map) = one_grain_snapshot(&pool, "newer");
+    let src = pool.engine().volume_by_name("src").unwrap().id;
+    // The newer snapshot takes the grain; the older one reads it through the newer one.
+    pool.write(src, 0, &chunk(0x50)).unwrap();
+    pool.stop_mapping(map, false, false).unwrap();
+    assert_eq!(
+        pool.engine().mapping(map).unwrap().state,
+        MapState::Stopping
+    );
+    let step = || pool.clean_step(map, 0).unwrap();
+    force_mark_between_plan_and_copy(&pool, step, newer, older);
 }

@@ -7,7 +7,9 @@
 //!   before it switches, then resumes (FLASHCOPY.md §4.2);
 //! - *grain locks*, one per (connected set, grain), serialise a grain copy with the write that
 //!   caused it and with reads that are redirected through the cascade (§3.11); I/O on different
-//!   grains runs in parallel;
+//!   grains runs in parallel. A grain's split bits change only under its exclusive lock (every
+//!   copier holds it until its marks are applied), so a plan made under the lock holds until
+//!   its copies have run; writes that need no copy take no lock;
 //! - the *committer* batches the durability steps of concurrent copy-on-writes (group commit).
 //!
 //! Durability order for a copy-on-write: the grain copy is durable on the target, then its split
