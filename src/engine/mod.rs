@@ -138,6 +138,10 @@ impl Mapping {
     pub fn owns(&self, g: u64) -> bool {
         g >= self.split.len() || self.split.get(g)
     }
+    /// Whether every grain is split (stops at the first one that is not).
+    pub fn split_all(&self) -> bool {
+        self.split.all()
+    }
     /// Split grains.
     pub fn split_count(&self) -> u64 {
         self.split.count_ones()
