@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # The one image of every flashcopy-csi container (agent, csi controller/node, snapshot-controller,
-# kube-sync): the binary plus what the node side runs (mkfs, mount, losetup, nbdfuse, nbd-client).
+# kube-sync): the binary plus what the node side runs (mkfs, mount, losetup, nbdfuse).
 #
 #   docker build -t flashcopy-csi:0.1.0 .
 #
@@ -23,12 +23,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM debian:${DEBIAN_RELEASE}-slim
 # util-linux/mount: mount, umount, losetup, blkid; e2fsprogs/xfsprogs: mkfs and resize;
 # libnbd-bin: nbdfuse (NBD export as a file, for loop, where the nbd module is missing; on
-# bookworm nbdfuse ships in libnbd-bin); fuse3: fusermount3; nbd-client: kernel nbd attach
-# tools; kmod: modprobe nbd when the host's modules are mounted; ca-certificates: TLS to the API.
+# bookworm nbdfuse ships in libnbd-bin); fuse3: fusermount3; kmod: modprobe nbd when the host's
+# modules are mounted (the kernel nbd attach itself is netlink, from the binary);
+# ca-certificates: TLS to the API.
 RUN export DEBIAN_FRONTEND=noninteractive \
  && apt-get update \
  && apt-get install -y --no-install-recommends \
-      ca-certificates util-linux mount e2fsprogs xfsprogs libnbd-bin fuse3 nbd-client kmod \
+      ca-certificates util-linux mount e2fsprogs xfsprogs libnbd-bin fuse3 kmod \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/flashcopy-csi /usr/local/bin/flashcopy-csi
 ENTRYPOINT ["/usr/local/bin/flashcopy-csi"]

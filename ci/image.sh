@@ -4,7 +4,7 @@
 # packages its RUN line names (read from the Dockerfile, so the two cannot drift), puts our binary
 # where its COPY puts it, and then, chrooted, with only the image's own tools on PATH:
 #   - runs the ENTRYPOINT (`--version`) and README's main job (`standalone --demo`);
-#   - finds every tool the node plugin runs (mkfs, mount, blkid, losetup, nbdfuse, nbd-client...);
+#   - finds every tool the node plugin runs (mkfs, mount, blkid, losetup, nbdfuse, modprobe...);
 #   - runs the CSI node tests (tests/csi_node.rs, CI=true: a missing tool fails, never skips):
 #     nbdfuse + loop attach, ext4 and xfs made and grown, bind mounts, stats.
 # The build stage is the same `cargo build --locked` on the same Debian release that CI runs.
@@ -88,7 +88,7 @@ grep -F 'Done.' "$work/demo.log"
 
 echo "== the tools the node plugin runs"
 missing=()
-for tool in blkid mkfs.ext4 mkfs.xfs mount umount resize2fs xfs_growfs losetup nbdfuse fusermount3 nbd-client modprobe; do
+for tool in blkid mkfs.ext4 mkfs.xfs mount umount resize2fs xfs_growfs losetup nbdfuse fusermount3 modprobe; do
   in_image sh -c "command -v $tool" >/dev/null || missing+=("$tool")
 done
 [ ${#missing[@]} -eq 0 ] || { echo "not in the image: ${missing[*]}" >&2; exit 1; }

@@ -25,6 +25,8 @@ fn main() -> anyhow::Result<ExitCode> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: container logs and files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
         Command::Demo { data_dir, size_mib } => {

@@ -3,8 +3,10 @@
 //! on the mounted snapshot; files written after it are absent.
 
 mod agent_common;
+mod skip;
 
-use agent_common::{Agent, have};
+use agent_common::Agent;
+use skip::{have_all, root_with};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -90,26 +92,9 @@ impl Drop for Attached {
     }
 }
 
-fn root_with_loop_and_fuse() -> bool {
-    let ok = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
-        && Path::new("/dev/loop-control").exists()
-        && Path::new("/dev/fuse").exists();
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "the block-chain test needs root, loop devices and FUSE under CI"
-        );
-        println!("skipped: the block-chain test needs root, /dev/loop-control and /dev/fuse");
-    }
-    ok
-}
-
 #[test]
 fn ext4_through_nbdfuse_and_loop_keeps_the_snapshot_point_in_time() {
-    if !root_with_loop_and_fuse() || !have("nbdfuse") || !have("mkfs.ext4") {
+    if !(root_with(&["/dev/loop-control", "/dev/fuse"]) && have_all(&["nbdfuse", "mkfs.ext4"])) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

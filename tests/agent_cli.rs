@@ -3,9 +3,11 @@
 //! `qemu-io` around an atomic group start.
 
 mod agent_common;
+mod skip;
 
-use agent_common::{Agent, fc, have};
+use agent_common::{Agent, fc};
 use serde_json::Value;
+use skip::have;
 use std::process::Command;
 
 fn json(out: &str) -> Value {

@@ -5,14 +5,16 @@
 //! gets written completes, and says so; host I/O errors are counted in the metrics.
 
 mod agent_common;
+mod skip;
 
-use agent_common::{Agent, have, metric, scrape};
+use agent_common::{Agent, metric, scrape};
 use flashcopy_csi::agent::Config;
 use flashcopy_csi::engine::VolId;
 use flashcopy_csi::meta::MetaFiles;
 use flashcopy_csi::proto::agent::v1::{self as pb, agent_client::AgentClient, event::Kind};
 use flashcopy_csi::store::CrashPoint;
 use flashcopy_csi::volume::{FaultBackend, Pool, PoolConfig};
+use skip::have;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;

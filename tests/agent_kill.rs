@@ -18,9 +18,10 @@
 //! (printed; the kill moments depend on timing too).
 
 mod agent_common;
+mod skip;
 
-use agent_common::have;
 use serde_json::Value;
+use skip::have_all;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
@@ -72,10 +73,7 @@ fn rounds() -> usize {
 }
 
 fn peers() -> bool {
-    // Evaluate all, so CI names every missing one.
-    [have("qemu-io"), have("nbdcopy"), have("nbdinfo")]
-        .iter()
-        .all(|h| *h)
+    have_all(&["qemu-io", "nbdcopy", "nbdinfo"])
 }
 
 /// The agent as its own process (the harness's in-process agent cannot be SIGKILLed).

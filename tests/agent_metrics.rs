@@ -2,9 +2,11 @@
 //! snapshots and group starts, and that bad HTTP requests get 4xx and change nothing.
 
 mod agent_common;
+mod skip;
 
-use agent_common::{Agent, have, http_raw, metric, scrape};
+use agent_common::{Agent, http_raw, metric, scrape};
 use flashcopy_csi::agent::Config;
+use skip::have;
 use std::collections::BTreeMap;
 use std::process::Command;
 

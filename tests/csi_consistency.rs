@@ -6,13 +6,13 @@
 //!
 //! `CONSISTENCY_ROUNDS` sets the number of group snapshots (default 50).
 
-mod agent_common;
 mod csi_common;
+mod skip;
 
-use agent_common::have;
 use csi::volume_capability::access_mode::Mode;
 use csi_common::*;
 use flashcopy_csi::proto::csi::v1 as csi;
+use skip::{have_all, root_with};
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::Write;
@@ -131,7 +131,9 @@ async fn delete_volume(c: &mut Clients, id: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn group_snapshots_never_tear_dependent_writes() {
-    if !(have("nbdfuse") && have("losetup") && have("mkfs.ext4")) {
+    if !(root_with(&["/dev/loop-control", "/dev/fuse"])
+        && have_all(&["nbdfuse", "losetup", "mkfs.ext4"]))
+    {
         return;
     }
     let rounds: u64 = std::env::var("CONSISTENCY_ROUNDS")

@@ -3,8 +3,9 @@
 //! contents checked through the agents' NBD exports with `qemu-io`.
 
 mod agent_common;
+mod skip;
 
-use agent_common::{Agent, have};
+use agent_common::Agent;
 use flashcopy_csi::agent::Config;
 use flashcopy_csi::csi::{self, Agents, ControllerService, TOPOLOGY_KEY, ids};
 use flashcopy_csi::proto::agent::v1 as pb;
@@ -12,6 +13,7 @@ use flashcopy_csi::proto::csi::v1 as c;
 use flashcopy_csi::proto::csi::v1::controller_client::ControllerClient;
 use flashcopy_csi::proto::csi::v1::group_controller_client::GroupControllerClient;
 use flashcopy_csi::proto::csi::v1::identity_client::IdentityClient;
+use skip::have;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;

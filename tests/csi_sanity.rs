@@ -4,17 +4,18 @@
 //! csi-sanity where a binary exists; this suite keeps us honest everywhere else.
 //!
 //! Node tests attach through nbdfuse + loop and mount ext4: they need root and the peers
-//! (required under CI, skipped with a message elsewhere).
+//! (required under CI; elsewhere skipped, and listed at the end of ci/test.sh).
 
-mod agent_common;
 mod csi_common;
+mod skip;
 
-use agent_common::have;
 use csi::controller_service_capability::rpc::Type as CtlCap;
 use csi::volume_capability::access_mode::Mode;
 use csi_common::*;
 use flashcopy_csi::proto::csi::v1 as csi;
+use skip::{have_all, root_with};
 use std::collections::HashMap;
+use std::path::Path;
 use tonic::Code;
 
 // ---------------------------------------------------------------- Identity
@@ -729,87 +730,92 @@ async fn node_capabilities_info_and_argument_checks() {
 
     let target = s.path("target").display().to_string();
     let staging = s.path("staging").display().to_string();
-    let cap = mount_cap(Mode::SingleNodeWriter);
-    let publish = csi::NodePublishVolumeRequest {
-        volume_id: "v".into(),
-        staging_target_path: staging.clone(),
-        target_path: target.clone(),
-        volume_capability: Some(cap),
-        ..Default::default()
-    };
-    for r in [
-        csi::NodePublishVolumeRequest {
-            volume_id: String::new(),
-            ..publish.clone()
-        },
-        csi::NodePublishVolumeRequest {
-            target_path: String::new(),
-            ..publish.clone()
-        },
-        csi::NodePublishVolumeRequest {
-            volume_capability: None,
-            ..publish.clone()
-        },
+    // Every argument check in both access types.
+    for cap in [
+        mount_cap(Mode::SingleNodeWriter),
+        block_cap(Mode::SingleNodeWriter),
     ] {
-        assert_eq!(
-            code(c.node.node_publish_volume(r).await),
-            Code::InvalidArgument
-        );
-    }
-    for r in [
-        csi::NodeUnpublishVolumeRequest {
-            volume_id: String::new(),
-            target_path: target.clone(),
-        },
-        csi::NodeUnpublishVolumeRequest {
+        let publish = csi::NodePublishVolumeRequest {
             volume_id: "v".into(),
-            target_path: String::new(),
-        },
-    ] {
-        assert_eq!(
-            code(c.node.node_unpublish_volume(r).await),
-            Code::InvalidArgument
-        );
-    }
-    let stage = csi::NodeStageVolumeRequest {
-        volume_id: "v".into(),
-        staging_target_path: staging.clone(),
-        volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
-        ..Default::default()
-    };
-    for r in [
-        csi::NodeStageVolumeRequest {
-            volume_id: String::new(),
-            ..stage.clone()
-        },
-        csi::NodeStageVolumeRequest {
-            staging_target_path: String::new(),
-            ..stage.clone()
-        },
-        csi::NodeStageVolumeRequest {
-            volume_capability: None,
-            ..stage.clone()
-        },
-    ] {
-        assert_eq!(
-            code(c.node.node_stage_volume(r).await),
-            Code::InvalidArgument
-        );
-    }
-    for r in [
-        csi::NodeUnstageVolumeRequest {
-            volume_id: String::new(),
             staging_target_path: staging.clone(),
-        },
-        csi::NodeUnstageVolumeRequest {
+            target_path: target.clone(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        };
+        for r in [
+            csi::NodePublishVolumeRequest {
+                volume_id: String::new(),
+                ..publish.clone()
+            },
+            csi::NodePublishVolumeRequest {
+                target_path: String::new(),
+                ..publish.clone()
+            },
+            csi::NodePublishVolumeRequest {
+                volume_capability: None,
+                ..publish.clone()
+            },
+        ] {
+            assert_eq!(
+                code(c.node.node_publish_volume(r).await),
+                Code::InvalidArgument
+            );
+        }
+        for r in [
+            csi::NodeUnpublishVolumeRequest {
+                volume_id: String::new(),
+                target_path: target.clone(),
+            },
+            csi::NodeUnpublishVolumeRequest {
+                volume_id: "v".into(),
+                target_path: String::new(),
+            },
+        ] {
+            assert_eq!(
+                code(c.node.node_unpublish_volume(r).await),
+                Code::InvalidArgument
+            );
+        }
+        let stage = csi::NodeStageVolumeRequest {
             volume_id: "v".into(),
-            staging_target_path: String::new(),
-        },
-    ] {
-        assert_eq!(
-            code(c.node.node_unstage_volume(r).await),
-            Code::InvalidArgument
-        );
+            staging_target_path: staging.clone(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        };
+        for r in [
+            csi::NodeStageVolumeRequest {
+                volume_id: String::new(),
+                ..stage.clone()
+            },
+            csi::NodeStageVolumeRequest {
+                staging_target_path: String::new(),
+                ..stage.clone()
+            },
+            csi::NodeStageVolumeRequest {
+                volume_capability: None,
+                ..stage.clone()
+            },
+        ] {
+            assert_eq!(
+                code(c.node.node_stage_volume(r).await),
+                Code::InvalidArgument
+            );
+        }
+        for r in [
+            csi::NodeUnstageVolumeRequest {
+                volume_id: String::new(),
+                staging_target_path: staging.clone(),
+            },
+            csi::NodeUnstageVolumeRequest {
+                volume_id: "v".into(),
+                staging_target_path: String::new(),
+            },
+        ] {
+            assert_eq!(
+                code(c.node.node_unstage_volume(r).await),
+                Code::InvalidArgument
+            );
+        }
     }
     for (id, path, want) in [
         ("", "some/path", Code::InvalidArgument),
@@ -839,26 +845,143 @@ async fn node_capabilities_info_and_argument_checks() {
     }
 }
 
+/// csi-sanity runs its whole suite in one access type (`--csi.testvolumeaccesstype`), so every
+/// node rule here runs in both: Filesystem (`block == false`) and Block.
+fn cap_of(block: bool, mode: Mode) -> csi::VolumeCapability {
+    if block {
+        block_cap(mode)
+    } else {
+        mount_cap(mode)
+    }
+}
+
+fn can_attach() -> bool {
+    root_with(&["/dev/loop-control", "/dev/fuse"]) && have_all(&["nbdfuse", "losetup", "mkfs.ext4"])
+}
+
+async fn stage(
+    c: &mut Clients,
+    id: &str,
+    staging: &Path,
+    cap: &csi::VolumeCapability,
+) -> Result<tonic::Response<csi::NodeStageVolumeResponse>, tonic::Status> {
+    c.node
+        .node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+}
+
+async fn publish(
+    c: &mut Clients,
+    id: &str,
+    staging: &Path,
+    target: &Path,
+    cap: &csi::VolumeCapability,
+    readonly: bool,
+) -> Result<tonic::Response<csi::NodePublishVolumeResponse>, tonic::Status> {
+    c.node
+        .node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.display().to_string(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            readonly,
+            ..Default::default()
+        })
+        .await
+}
+
+async fn unpublish(c: &mut Clients, id: &str, target: &Path) {
+    for _ in 0..2 {
+        c.node
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: target.display().to_string(),
+            })
+            .await
+            .unwrap();
+        assert_untouched(target, "after unpublish");
+    }
+}
+
+async fn unstage(c: &mut Clients, id: &str, staging: &Path) {
+    for _ in 0..2 {
+        c.node
+            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+            })
+            .await
+            .unwrap();
+    }
+    assert!(!is_mounted(staging), "unstage unmounts the staging path");
+}
+
+/// Nothing at `path`: no mount, no file, no directory. A refused or failed publish must leave
+/// the target as it found it, or the CO's next call there fails (csi-sanity's later specs could
+/// not create their target directory under a leftover bind).
+fn assert_untouched(path: &Path, when: &str) {
+    assert!(!is_mounted(path), "{} is mounted {when}", path.display());
+    assert!(
+        std::fs::symlink_metadata(path).is_err(),
+        "{} exists {when}",
+        path.display()
+    );
+}
+
+/// Writes `data` through a published target (a file in Filesystem mode, the device node itself
+/// in Block mode) and reads it back through `other`, a second target of the same volume.
+fn write_then_read(target: &Path, other: &Path, block: bool, data: &[u8]) {
+    use std::io::{Read, Seek, Write};
+    if block {
+        let meta = std::fs::metadata(target).unwrap();
+        assert!(
+            !meta.is_dir(),
+            "a block publish binds a device node, not a directory"
+        );
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(target)
+            .unwrap();
+        f.write_all(data).unwrap();
+        f.sync_all().unwrap();
+        let mut f = std::fs::File::open(other).unwrap();
+        let mut back = vec![0u8; data.len()];
+        f.seek(std::io::SeekFrom::Start(0)).unwrap();
+        f.read_exact(&mut back).unwrap();
+        assert_eq!(back, data);
+    } else {
+        std::fs::write(target.join("hello"), data).unwrap();
+        assert_eq!(std::fs::read(other.join("hello")).unwrap(), data);
+    }
+}
+
+/// The mount options of the top mount at `p`.
+fn mount_options(p: &Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let p = p.display().to_string();
+    info.lines()
+        .rev()
+        .find(|l| l.split(' ').nth(4).is_some_and(|m| m == p))
+        .and_then(|l| l.split(' ').nth(5))
+        .map(|o| o.split(',').map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
 /// The volume lifecycle csi-sanity runs (create, stage, publish, stats, expand, unpublish,
-/// unstage, delete), each step done twice to prove idempotence, in one access type.
+/// unstage, delete), each step done twice to prove idempotence, as SINGLE_NODE_SINGLE_WRITER
+/// (which csi-sanity checks since the node advertises SINGLE_NODE_MULTI_WRITER).
 async fn lifecycle(block: bool) {
-    if !(have("nbdfuse") && have("losetup") && have("mkfs.ext4")) {
+    if !can_attach() {
         return;
     }
     let s = Standalone::start();
     let mut c = s.clients().await;
-    // Filesystem mode runs as SINGLE_NODE_SINGLE_WRITER, which csi-sanity checks when the node
-    // advertises SINGLE_NODE_MULTI_WRITER (we do).
-    let mode = if block {
-        Mode::SingleNodeWriter
-    } else {
-        Mode::SingleNodeSingleWriter
-    };
-    let cap = if block {
-        block_cap(mode)
-    } else {
-        mount_cap(mode)
-    };
+    let cap = cap_of(block, Mode::SingleNodeSingleWriter);
     let mut req = create_req(if block { "life-block" } else { "life-fs" }, SIZE);
     req.volume_capabilities = vec![cap.clone()];
     let v = c
@@ -869,10 +992,11 @@ async fn lifecycle(block: bool) {
         .into_inner()
         .volume
         .unwrap();
+    let id = v.volume_id.clone();
     // As csi-sanity: the controller expands first, the node grows the file system later.
     c.ctl
         .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-            volume_id: v.volume_id.clone(),
+            volume_id: id.clone(),
             capacity_range: Some(csi::CapacityRange {
                 required_bytes: 2 * SIZE,
                 limit_bytes: 0,
@@ -886,120 +1010,80 @@ async fn lifecycle(block: bool) {
     std::fs::create_dir_all(&staging).unwrap();
     // The CO creates the target's parent; the plugin creates the target itself.
     for _ in 0..2 {
-        c.node
-            .node_stage_volume(csi::NodeStageVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                staging_target_path: staging.display().to_string(),
-                volume_capability: Some(cap.clone()),
-                volume_context: v.volume_context.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        stage(&mut c, &id, &staging, &cap).await.unwrap();
     }
     for _ in 0..2 {
-        c.node
-            .node_publish_volume(csi::NodePublishVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                staging_target_path: staging.display().to_string(),
-                target_path: target.display().to_string(),
-                volume_capability: Some(cap.clone()),
-                volume_context: v.volume_context.clone(),
-                ..Default::default()
-            })
+        publish(&mut c, &id, &staging, &target, &cap, false)
             .await
             .unwrap();
     }
+    write_then_read(&target, &target, block, b"flashcopy");
+
+    let st = c
+        .node
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: target.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!st.usage.is_empty());
+    assert!(st.usage[0].total > 0);
     if block {
-        // The target is the device node: its size is the volume's.
-        let len = std::fs::metadata(&target).unwrap();
-        assert!(
-            !len.is_dir(),
-            "a block publish binds a device node, not a directory"
-        );
-    } else {
-        std::fs::write(target.join("hello"), b"flashcopy").unwrap();
-        assert_eq!(std::fs::read(target.join("hello")).unwrap(), b"flashcopy");
-        let st = c
-            .node
-            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
-                volume_id: v.volume_id.clone(),
-                volume_path: target.display().to_string(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(!st.usage.is_empty());
-        assert_eq!(
-            code(
-                c.node
-                    .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
-                        volume_id: v.volume_id.clone(),
-                        volume_path: "some/path".into(),
-                        ..Default::default()
-                    })
-                    .await
-            ),
-            Code::NotFound
-        );
-        // A second single-writer publish elsewhere: FAILED_PRECONDITION (SINGLE_NODE_MULTI_WRITER rules).
-        let other = s.path("other_target");
-        let r = c
-            .node
-            .node_publish_volume(csi::NodePublishVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                staging_target_path: staging.display().to_string(),
-                target_path: other.display().to_string(),
-                volume_capability: Some(cap.clone()),
-                ..Default::default()
-            })
-            .await;
-        assert_eq!(
-            code(r),
-            Code::FailedPrecondition,
-            "a single-writer volume published twice"
-        );
-        // Node expansion after publish (the controller grew the volume before staging).
-        c.node
-            .node_expand_volume(csi::NodeExpandVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                volume_path: target.display().to_string(),
-                staging_target_path: staging.display().to_string(),
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: 2 * SIZE,
-                    limit_bytes: 0,
-                }),
-                volume_capability: Some(cap.clone()),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        assert_eq!(st.usage[0].total, 2 * SIZE, "a block volume's size");
     }
-    for _ in 0..2 {
-        c.node
-            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                target_path: target.display().to_string(),
-            })
-            .await
-            .unwrap();
-        assert!(!target.exists(), "unpublish removes the target path");
-    }
-    for _ in 0..2 {
-        c.node
-            .node_unstage_volume(csi::NodeUnstageVolumeRequest {
-                volume_id: v.volume_id.clone(),
-                staging_target_path: staging.display().to_string(),
-            })
-            .await
-            .unwrap();
-    }
-    assert!(!is_mounted(&staging), "unstage unmounts the staging path");
+    let condition = st.volume_condition.expect("VOLUME_CONDITION is advertised");
+    assert!(!condition.abnormal, "{}", condition.message);
+    assert_eq!(
+        code(
+            c.node
+                .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                    volume_id: id.clone(),
+                    volume_path: "some/path".into(),
+                    ..Default::default()
+                })
+                .await
+        ),
+        Code::NotFound
+    );
+
+    // csi-sanity's "should fail when volume with single node single writer access mode is
+    // already mounted at a different target path": FAILED_PRECONDITION, and nothing left there.
+    let other = s.path("other_target");
+    assert_eq!(
+        code(publish(&mut c, &id, &staging, &other, &cap, false).await),
+        Code::FailedPrecondition,
+        "a single-writer volume published at a second target path"
+    );
+    assert_untouched(&other, "after a refused publish");
+
+    // Node expansion after publish (the controller grew the volume before staging).
+    let r = c
+        .node
+        .node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: id.clone(),
+            volume_path: target.display().to_string(),
+            staging_target_path: staging.display().to_string(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 2 * SIZE,
+                limit_bytes: 0,
+            }),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.capacity_bytes >= 2 * SIZE);
+
+    unpublish(&mut c, &id, &target).await;
+    unstage(&mut c, &id, &staging).await;
     for _ in 0..2 {
         c.ctl
             .delete_volume(csi::DeleteVolumeRequest {
-                volume_id: v.volume_id.clone(),
+                volume_id: id.clone(),
                 secrets: HashMap::new(),
             })
             .await
@@ -1015,4 +1099,91 @@ async fn volume_lifecycle_filesystem() {
 #[tokio::test(flavor = "multi_thread")]
 async fn volume_lifecycle_block() {
     lifecycle(true).await;
+}
+
+/// The publish rules of the access modes, and that no refused publish leaves anything behind:
+/// not staged, SINGLE_NODE_MULTI_WRITER at several targets, an incompatible republish, a
+/// single writer beside other publishes, read-only, and the refused call then succeeding once
+/// the others are gone.
+async fn publish_rules(block: bool) {
+    if !can_attach() {
+        return;
+    }
+    let s = Standalone::start();
+    let mut c = s.clients().await;
+    let multi = cap_of(block, Mode::SingleNodeMultiWriter);
+    let single = cap_of(block, Mode::SingleNodeSingleWriter);
+    let id = c.create("rules").await.volume_id;
+    let staging = s.path("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let [t1, t2, t3, t4] = ["t1", "t2", "t3", "t4"].map(|n| s.path(n));
+
+    // Not staged: FAILED_PRECONDITION, nothing created.
+    assert_eq!(
+        code(publish(&mut c, &id, &staging, &t1, &multi, false).await),
+        Code::FailedPrecondition
+    );
+    assert_untouched(&t1, "after publishing an unstaged volume");
+
+    stage(&mut c, &id, &staging, &multi).await.unwrap();
+    // SINGLE_NODE_MULTI_WRITER: several targets, one volume.
+    for t in [&t1, &t2] {
+        publish(&mut c, &id, &staging, t, &multi, false)
+            .await
+            .unwrap();
+    }
+    write_then_read(&t1, &t2, block, b"two targets, one volume");
+
+    // The same target again, read-only this time: ALREADY_EXISTS, and the mount unchanged.
+    assert_eq!(
+        code(publish(&mut c, &id, &staging, &t1, &multi, true).await),
+        Code::AlreadyExists
+    );
+    assert!(is_mounted(&t1));
+    assert!(!mount_options(&t1).contains(&"ro".to_string()));
+
+    // A single writer while other targets are published: FAILED_PRECONDITION, nothing at t3.
+    assert_eq!(
+        code(publish(&mut c, &id, &staging, &t3, &single, false).await),
+        Code::FailedPrecondition,
+        "a single writer beside two published targets"
+    );
+    assert_untouched(&t3, "after a refused single-writer publish");
+
+    // Read-only publish: a read-only mount.
+    publish(&mut c, &id, &staging, &t4, &multi, true)
+        .await
+        .unwrap();
+    assert!(mount_options(&t4).contains(&"ro".to_string()));
+    if !block {
+        assert!(std::fs::write(t4.join("no"), b"x").is_err());
+    }
+
+    // With the others gone, the single writer that was refused is published, and the second
+    // single-writer target is refused in turn.
+    for t in [&t1, &t2, &t4] {
+        unpublish(&mut c, &id, t).await;
+    }
+    for _ in 0..2 {
+        publish(&mut c, &id, &staging, &t3, &single, false)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        code(publish(&mut c, &id, &staging, &t1, &single, false).await),
+        Code::FailedPrecondition
+    );
+    assert_untouched(&t1, "after a refused single-writer publish");
+    unpublish(&mut c, &id, &t3).await;
+    unstage(&mut c, &id, &staging).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publish_rules_filesystem() {
+    publish_rules(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publish_rules_block() {
+    publish_rules(true).await;
 }

@@ -1,11 +1,14 @@
 //! The NBD server against real clients nobody here wrote: `nbdinfo`, `qemu-io`, `qemu-img` and
 //! `nbdcopy`. Each test serves a pool on a Unix socket in a temporary directory.
 //!
-//! A missing client binary skips the test, except under CI (env `CI` set), where it fails.
+//! A missing client binary skips the test (listed by ci/test.sh), except under CI, where it fails.
+
+mod skip;
 
 use flashcopy_csi::engine::{MappingSpec, VolId};
 use flashcopy_csi::nbd::{Exports, ServerConfig, Shutdown, serve_unix};
 use flashcopy_csi::volume::{Pool, PoolConfig};
+use skip::{have, have_all};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -87,20 +90,6 @@ impl Drop for Served {
             }
         }
     }
-}
-
-/// True when `bin` is on PATH; otherwise skips (prints) or, under CI, fails.
-fn have(bin: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(bin).is_file()));
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{bin} is not installed (required under CI)"
-        );
-        println!("skipped: {bin} not installed");
-    }
-    found
 }
 
 fn run(bin: &str, args: &[&str]) -> Output {
@@ -297,7 +286,7 @@ fn snapshots_through_qemu_io_keep_their_point_in_time() {
 
 #[test]
 fn qemu_img_compare_finds_the_snapshot_image() {
-    if !have("qemu-img") || !have("qemu-io") {
+    if !have_all(&["qemu-img", "qemu-io"]) {
         return;
     }
     let size = 4 * MIB as usize;

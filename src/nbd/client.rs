@@ -40,61 +40,10 @@ fn read_u64(r: &mut impl Read) -> io::Result<u64> {
 impl Client {
     /// Connects to `socket` and selects `export` with `NBD_OPT_GO`.
     pub fn connect(socket: &Path, export: &str) -> io::Result<Self> {
-        let mut s = UnixStream::connect(socket)?;
-        if read_u64(&mut s)? != NBDMAGIC || read_u64(&mut s)? != IHAVEOPT {
-            return Err(bad("not a newstyle NBD server"));
-        }
-        let server_flags = read_u16(&mut s)?;
-        if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(bad("the server does not speak fixed newstyle"));
-        }
-        let no_zeroes = server_flags & FLAG_NO_ZEROES != 0;
-        let client_flags = FLAG_C_FIXED_NEWSTYLE | if no_zeroes { FLAG_C_NO_ZEROES } else { 0 };
-        s.write_all(&client_flags.to_be_bytes())?;
-        // NBD_OPT_GO: name length, name, no information requests.
-        let mut opt = Vec::with_capacity(export.len() + 6);
-        opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        opt.extend_from_slice(export.as_bytes());
-        opt.extend_from_slice(&0u16.to_be_bytes());
-        let mut msg = Vec::new();
-        msg.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        msg.extend_from_slice(&OPT_GO.to_be_bytes());
-        msg.extend_from_slice(&(opt.len() as u32).to_be_bytes());
-        msg.extend_from_slice(&opt);
-        s.write_all(&msg)?;
-        let (mut size, mut flags) = (None, 0);
-        loop {
-            if read_u64(&mut s)? != OPT_REPLY_MAGIC {
-                return Err(bad("bad option reply magic"));
-            }
-            let _option = read_u32(&mut s)?;
-            let kind = read_u32(&mut s)?;
-            let len = read_u32(&mut s)?;
-            if len > MAX_OPTION_DATA {
-                return Err(bad("oversized option reply"));
-            }
-            let mut data = vec![0; len as usize];
-            s.read_exact(&mut data)?;
-            match kind {
-                REP_ACK => break,
-                REP_INFO if data.len() >= 12 && data[..2] == INFO_EXPORT.to_be_bytes() => {
-                    size = Some(u64::from_be_bytes(data[2..10].try_into().unwrap()));
-                    flags = u16::from_be_bytes(data[10..12].try_into().unwrap());
-                }
-                REP_INFO => {}
-                k if k & (1 << 31) != 0 => {
-                    let text = String::from_utf8_lossy(&data);
-                    return Err(io::Error::new(
-                        io::ErrorKind::NotFound,
-                        format!("export {export:?}: {text} (reply {k:#x})"),
-                    ));
-                }
-                k => return Err(bad(format!("unexpected option reply {k:#x}"))),
-            }
-        }
-        let size = size.ok_or_else(|| bad("the server sent no export information"))?;
+        let mut sock = UnixStream::connect(socket)?;
+        let (size, flags) = handshake(&mut sock, export)?;
         Ok(Self {
-            sock: s,
+            sock,
             size,
             flags,
             handle: 0,
@@ -167,6 +116,65 @@ impl Client {
     pub fn flush(&mut self) -> io::Result<()> {
         self.request(CMD_FLUSH, 0, 0, 0, &[])
     }
+}
+
+/// The fixed-newstyle handshake on `s`, selecting `export` with `NBD_OPT_GO`: returns the
+/// export's size and transmission flags and leaves `s` in the transmission phase (where the
+/// kernel nbd driver takes a connection over).
+pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> io::Result<(u64, u16)> {
+    if read_u64(s)? != NBDMAGIC || read_u64(s)? != IHAVEOPT {
+        return Err(bad("not a newstyle NBD server"));
+    }
+    let server_flags = read_u16(s)?;
+    if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(bad("the server does not speak fixed newstyle"));
+    }
+    let no_zeroes = server_flags & FLAG_NO_ZEROES != 0;
+    let client_flags = FLAG_C_FIXED_NEWSTYLE | if no_zeroes { FLAG_C_NO_ZEROES } else { 0 };
+    s.write_all(&client_flags.to_be_bytes())?;
+    // NBD_OPT_GO: name length, name, no information requests.
+    let mut opt = Vec::with_capacity(export.len() + 6);
+    opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    opt.extend_from_slice(export.as_bytes());
+    opt.extend_from_slice(&0u16.to_be_bytes());
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    msg.extend_from_slice(&OPT_GO.to_be_bytes());
+    msg.extend_from_slice(&(opt.len() as u32).to_be_bytes());
+    msg.extend_from_slice(&opt);
+    s.write_all(&msg)?;
+    let (mut size, mut flags) = (None, 0);
+    loop {
+        if read_u64(s)? != OPT_REPLY_MAGIC {
+            return Err(bad("bad option reply magic"));
+        }
+        let _option = read_u32(s)?;
+        let kind = read_u32(s)?;
+        let len = read_u32(s)?;
+        if len > MAX_OPTION_DATA {
+            return Err(bad("oversized option reply"));
+        }
+        let mut data = vec![0; len as usize];
+        s.read_exact(&mut data)?;
+        match kind {
+            REP_ACK => break,
+            REP_INFO if data.len() >= 12 && data[..2] == INFO_EXPORT.to_be_bytes() => {
+                size = Some(u64::from_be_bytes(data[2..10].try_into().unwrap()));
+                flags = u16::from_be_bytes(data[10..12].try_into().unwrap());
+            }
+            REP_INFO => {}
+            k if k & (1 << 31) != 0 => {
+                let text = String::from_utf8_lossy(&data);
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("export {export:?}: {text} (reply {k:#x})"),
+                ));
+            }
+            k => return Err(bad(format!("unexpected option reply {k:#x}"))),
+        }
+    }
+    let size = size.ok_or_else(|| bad("the server sent no export information"))?;
+    Ok((size, flags))
 }
 
 impl Drop for Client {

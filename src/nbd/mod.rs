@@ -26,6 +26,8 @@ mod server;
 mod transmission;
 
 pub use metered::Metered;
+/// Transmission flags a client (the kernel attach) acts on.
+pub use proto::{FLAG_CAN_MULTI_CONN, FLAG_READ_ONLY};
 pub use server::{
     Export, ExportError, Exports, PoolExport, ServerConfig, Shutdown, serve_connection, serve_tcp,
     serve_unix,

@@ -26,11 +26,13 @@ pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
 // Transmission flags.
 pub const FLAG_HAS_FLAGS: u16 = 1 << 0;
+/// The export is read-only.
 pub const FLAG_READ_ONLY: u16 = 1 << 1;
 pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
 pub const FLAG_SEND_FUA: u16 = 1 << 3;
 pub const FLAG_SEND_TRIM: u16 = 1 << 5;
 pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+/// Several connections to the export see each other's completed writes and flushes.
 pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
 // Options.

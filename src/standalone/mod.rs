@@ -167,12 +167,12 @@ async fn serve_csi(
         Agents::new(vec![(node.to_string(), agent_url.to_string())], None).map_err(Error::Node)?;
     let controller = ControllerService::new(agents, Duration::from_secs(5));
     let csi_sock = cfg.csi_socket();
-    let node_svc = NodeConfig {
-        endpoint: format!("unix://{}", csi_sock.display()),
-        node_id: node.to_string(),
-        agent: agent_url.to_string(),
-        state_dir: cfg.data_dir.join("node"),
-    }
+    let node_svc = NodeConfig::new(
+        format!("unix://{}", csi_sock.display()),
+        node.to_string(),
+        agent_url.to_string(),
+        cfg.data_dir.join("node"),
+    )
     .service()?;
     let listener = csi::bind_unix(&csi_sock)?;
     println!("flashcopy-csi standalone, node {node}");

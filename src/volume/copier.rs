@@ -1,5 +1,6 @@
-//! Background copy and cleaning (FLASHCOPY.md §3.7, §5): one grain per step, each under its grain
-//! lock with the same durability order as a copy-on-write, paced by a token bucket.
+//! Background copy and cleaning (FLASHCOPY.md §3.7, §5): a batch of grains per step, under their
+//! grain locks until their marks are applied, with the same durability order as a copy-on-write,
+//! paced by a token bucket.
 
 use super::{Batch, CopyKind, Pool, VolumeError};
 use crate::engine::{MapId, MapState, Op, rate_bytes_per_sec};
@@ -70,13 +71,16 @@ impl Pool {
                 .fetch_add(bytes.div_ceil(self.grain_bytes(map)), Ordering::Relaxed);
             return Ok(step);
         }
+        // Checked and applied under the control lock: another step of the same mapping may
+        // finish it first.
+        let _c = self.control.lock();
         let stopping = self
             .engine
             .read()
             .mapping(map)
             .is_some_and(|m| m.state == MapState::Stopping);
         if stopping && !self.engine.read().needs_cleaning(map) {
-            self.control(&[Op::CleanComplete { map }])?;
+            self.control_locked(&[Op::CleanComplete { map }])?;
             return Ok(Step::Finished);
         }
         Ok(Step::Idle)
@@ -89,12 +93,14 @@ impl Pool {
             .map_or(1, |m| m.grain.bytes())
     }
 
-    /// Copies a batch of grains chosen by `plan` (from `cursor`, upwards or downwards), each
-    /// under its grain lock and re-planned there, then commits all their marks in one round.
-    /// The gate is held shared throughout, so no control op changes the cascade between a
-    /// grain's copy and its mark; until the mark is durable the grain still reads through its
-    /// upstream, which holds the same bytes, and a write that copies it again meanwhile
-    /// copies the same bytes.
+    /// Copies a batch of grains chosen by `plan` (from `cursor`, upwards or downwards), then
+    /// commits all their marks in one round. The gate is held shared throughout, so no control
+    /// op changes the cascade meanwhile, and every grain of the batch stays locked until its
+    /// mark is applied: a write (or another copy) plans under a grain's lock from the split
+    /// bits it sees there, and those must not change before it has run its copies. Otherwise a
+    /// write could plan a copy-on-write of the source into the target, this batch's mark could
+    /// appear, a second write that no longer needs a copy could change the source, and the
+    /// first write's copy would carry that change into the target's point in time.
     fn copy_batch(
         &self,
         map: MapId,
@@ -118,37 +124,53 @@ impl Pool {
             };
             (domain, m.grain.bytes(), m.grains())
         };
-        let (mut marks, mut dirty, mut bytes) = (Vec::new(), Vec::new(), 0u64);
-        let (mut next, mut found) = (cursor, false);
         let run_len = (EXTENT_BYTES / gb).max(1);
-        let mut buf = Vec::new();
-        while bytes < max_bytes {
-            let Some(g0) = plan(&self.engine.read(), next).map(|p| p.grain) else {
-                break;
-            };
-            // The engine does not see this batch's marks yet: stop before the search wraps
-            // around to grains copied earlier in the batch.
-            if found && (if upwards { g0 < next } else { g0 > next }) {
-                break;
+        // The batch: from each grain the plan picks, a run of adjacent grains in the scan
+        // direction (copied as one extent where their plans allow it), until the runs hold
+        // `max_bytes` of grains to copy. Chosen without grain locks; each grain is planned
+        // again under its lock below.
+        let (runs, next) = {
+            let e = self.engine.read();
+            let (mut runs, mut next, mut todo) = (Vec::new(), cursor, 0u64);
+            while todo < max_bytes {
+                let Some(g0) = plan(&e, next).map(|p| p.grain) else {
+                    break;
+                };
+                // The engine does not see this batch's marks yet: stop before the search
+                // wraps around to grains of the batch.
+                if !runs.is_empty() && (if upwards { g0 < next } else { g0 > next }) {
+                    break;
+                }
+                let run: Vec<u64> = if upwards {
+                    (g0..(g0 + run_len).min(grains)).collect()
+                } else {
+                    (g0.saturating_sub(run_len - 1)..=g0).rev().collect()
+                };
+                let copied = run
+                    .iter()
+                    .filter(|&&g| plan(&e, g).is_some_and(|p| p.grain == g))
+                    .count();
+                todo += copied as u64 * gb;
+                let last = *run.last().expect("a run holds at least its first grain");
+                runs.push(run);
+                if !upwards && last == 0 {
+                    next = 0;
+                    break;
+                }
+                next = if upwards { last + 1 } else { last - 1 };
             }
-            found = true;
-            // A run of adjacent grains in the scan direction, copied as one extent where their
-            // plans allow it. Shards are locked in index order, so two runs cannot deadlock,
-            // and nothing else ever holds one grain lock while waiting for another.
-            let run: Vec<u64> = if upwards {
-                (g0..(g0 + run_len).min(grains)).collect()
-            } else {
-                (g0.saturating_sub(run_len - 1)..=g0).rev().collect()
-            };
-            let mut shards: Vec<usize> = run.iter().map(|g| self.grain_shard(domain, *g)).collect();
-            shards.sort_unstable();
-            shards.dedup();
-            let _locks: Vec<_> = shards
-                .iter()
-                .map(|i| self.grain_locks[*i].write())
-                .collect();
+            (runs, next)
+        };
+        if runs.is_empty() {
+            return Ok(Step::Idle);
+        }
+        self.at(super::HookPoint::BatchChosen { map });
+        let _locks = self.lock_grains(domain, runs.iter().flatten().copied());
+        let (mut marks, mut dirty, mut bytes) = (Vec::new(), Vec::new(), 0u64);
+        let mut buf = Vec::new();
+        for run in &runs {
             let mut extent: Option<(crate::engine::GrainCopy, u64, u64)> = None;
-            for &g in &run {
+            for &g in run {
                 let Some(p) = plan(&self.engine.read(), g).filter(|p| p.grain == g) else {
                     continue;
                 };
@@ -178,17 +200,9 @@ impl Pool {
             if let Some(e) = extent.take() {
                 bytes += self.copy_extent(e, gb, &mut buf, &mut dirty)?;
             }
-            let last = *run.last().expect("a run holds at least its first grain");
-            if !upwards && last == 0 {
-                next = 0;
-                break;
-            }
-            next = if upwards { last + 1 } else { last - 1 };
-        }
-        if !found {
-            return Ok(Step::Idle);
         }
         if !marks.is_empty() {
+            self.at(super::HookPoint::BatchCopied { map });
             self.committer.commit(
                 &self.engine,
                 Batch {
@@ -222,8 +236,11 @@ impl Pool {
 
     /// Applies `CopyComplete` when the mapping may complete.
     fn complete_if_ready(&self, map: MapId) -> Result<Step, VolumeError> {
+        // Checked and applied under the control lock: another step of the same mapping may
+        // complete it first.
+        let _c = self.control.lock();
         if self.engine.read().copy_complete_ready(map) {
-            self.control(&[Op::CopyComplete { map }])?;
+            self.control_locked(&[Op::CopyComplete { map }])?;
             return Ok(Step::Finished);
         }
         Ok(Step::Idle)

@@ -7,7 +7,9 @@
 //!   before it switches, then resumes (FLASHCOPY.md §4.2);
 //! - *grain locks*, one per (connected set, grain), serialise a grain copy with the write that
 //!   caused it and with reads that are redirected through the cascade (§3.11); I/O on different
-//!   grains runs in parallel;
+//!   grains runs in parallel. A grain's split bits change only under its exclusive lock (every
+//!   copier holds it until its marks are applied), so a plan made under the lock holds until
+//!   its copies have run; writes that need no copy take no lock;
 //! - the *committer* batches the durability steps of concurrent copy-on-writes (group commit).
 //!
 //! Durability order for a copy-on-write: the grain copy is durable on the target, then its split
@@ -17,11 +19,13 @@ mod backend;
 mod commit;
 mod copier;
 mod failure;
+mod hook;
 mod stats;
 
 pub use backend::{Backend, DirBackend, FaultBackend, MemBackend};
 pub use copier::{RateLimiter, Step};
 pub use failure::CopyFailure;
+pub use hook::HookPoint;
 pub use stats::{BUCKETS, CopyKind, Histogram, HistogramSnapshot, IoOp, IoStats, OpStats, Stats};
 
 use crate::engine::{
@@ -31,7 +35,7 @@ use crate::engine::{
 use crate::meta::{Journal, MetaError, MetaFiles};
 use crate::store::{BlockStore, StoreError};
 use commit::{Batch, CommitError, Committer};
-use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::Path;
@@ -124,6 +128,7 @@ pub struct Pool {
     /// Data-path counters.
     pub stats: Stats,
     failure_listener: failure::Listener,
+    hook: hook::Hook,
 }
 
 impl std::fmt::Debug for Pool {
@@ -237,6 +242,7 @@ impl Pool {
             backend,
             stats: Stats::default(),
             failure_listener: failure::Listener::default(),
+            hook: hook::Hook::default(),
         };
         if replayed > 0 {
             pool.committer.checkpoint(&pool.engine)?;
@@ -814,6 +820,30 @@ impl Pool {
         (h >> 17) as usize % LOCK_SHARDS
     }
 
+    /// Locks the grain-lock shards of `grains` exclusively, all at once and in index order: the
+    /// one order every holder of several shards uses, so no two of them deadlock.
+    fn lock_grains(
+        &self,
+        domain: VolId,
+        grains: impl IntoIterator<Item = u64>,
+    ) -> Vec<RwLockWriteGuard<'_, ()>> {
+        let mut shards: Vec<usize> = grains
+            .into_iter()
+            .map(|g| self.grain_shard(domain, g))
+            .collect();
+        shards.sort_unstable();
+        shards.dedup();
+        shards
+            .iter()
+            .map(|&i| {
+                self.grain_locks[i].try_write().unwrap_or_else(|| {
+                    self.at(HookPoint::LockWait);
+                    self.grain_locks[i].write()
+                })
+            })
+            .collect()
+    }
+
     /// Reads `buf.len()` bytes of `vol` at `offset`.
     pub fn read(&self, vol: VolId, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
         let _gate = self.gate.read();
@@ -868,24 +898,17 @@ impl Pool {
         if slow.is_empty() {
             return Ok(own.write_at(data, offset)?);
         }
-        // All of them at once, shards in index order as the copier takes them, so that the
-        // request's copies share one commit round (one set of syncs, not one per grain).
-        let mut shards: Vec<usize> = slow
-            .iter()
-            .map(|(g, _)| self.grain_shard(domain, *g))
-            .collect();
-        shards.sort_unstable();
-        shards.dedup();
-        let _locks: Vec<_> = shards
-            .iter()
-            .map(|i| self.grain_locks[*i].write())
-            .collect();
+        self.at(HookPoint::WriteChecked { vol });
+        // All of them at once, so that the request's copies share one commit round (one set
+        // of syncs, not one per grain).
+        let _locks = self.lock_grains(domain, slow.iter().map(|(g, _)| *g));
         let plans: Vec<_> = {
             let e = self.engine.read();
             slow.iter()
                 .map(|(g, r)| e.plan_write(vol, *g, whole(*g, r)))
                 .collect()
         };
+        self.at(HookPoint::WritePlanned { vol });
         let (mut marks, mut dirty, mut hidden) = (Vec::new(), Vec::new(), Vec::new());
         // The volume each dirty store belongs to, to tell a target's failed flush (the mapping
         // stops, as for a failed copy) from this volume's own.

@@ -167,20 +167,6 @@ pub fn fc(uri: &str, args: &[&str]) -> Output {
     out
 }
 
-/// True when `bin` is on PATH; otherwise skips (prints) or, under CI, fails.
-pub fn have(bin: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(bin).is_file()));
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{bin} is not installed (required under CI)"
-        );
-        println!("skipped: {bin} not installed");
-    }
-    found
-}
-
 /// A free TCP port on the loopback (bound, then released for the agent to take).
 pub fn free_local_addr() -> std::net::SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -86,6 +86,18 @@ impl Standalone {
 
 impl Drop for Standalone {
     fn drop(&mut self) {
+        // Whatever a failed test left mounted under the directory goes first (deepest first),
+        // so the process can detach and no mount outlives the test.
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut left: Vec<&str> = info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| Path::new(m).starts_with(self.dir.path()))
+            .collect();
+        left.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in left {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
         // SIGTERM: the process detaches what it attached and removes its sockets.
         let _ = Command::new("kill")
             .arg("-TERM")

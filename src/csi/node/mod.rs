@@ -9,19 +9,31 @@
 
 pub mod attach;
 pub mod error;
+pub mod genl;
 pub mod kernel;
 pub mod mount;
 
 pub use attach::{Attacher, Export, FuseLoop};
 pub use error::{Error, Result};
-pub use kernel::KernelNbd;
+pub use kernel::{KernelConfig, KernelNbd};
 
-/// Picks the attacher for this host: the kernel nbd driver where `/dev/nbd0` exists and
-/// `nbd-client` is installed, nbdfuse + loop otherwise. State lives under `state_dir`.
-pub fn default_attacher(state_dir: &std::path::Path) -> Result<Box<dyn Attacher>> {
+/// Picks the attacher for this host: the kernel nbd driver where its module is loaded (or
+/// loads with `modprobe nbd`), nbdfuse + loop otherwise. State lives under `state_dir`.
+pub fn default_attacher(
+    state_dir: &std::path::Path,
+    kernel: KernelConfig,
+) -> Result<Box<dyn Attacher>> {
+    if !kernel::available() && error::on_path("modprobe") {
+        let _ = error::run("modprobe", &["nbd"]);
+    }
     Ok(if kernel::available() {
-        Box::new(KernelNbd::new(&state_dir.join("kernel-nbd"))?)
+        Box::new(KernelNbd::new(&state_dir.join("kernel-nbd"), kernel)?)
     } else {
+        tracing::warn!(
+            "no kernel nbd driver here: volumes attach through nbdfuse + loop, which do NOT \
+             survive a restart of the agent or of this plugin (I/O fails until the volume is \
+             staged again)"
+        );
         Box::new(FuseLoop::new(&state_dir.join("fuse-loop"))?)
     })
 }
@@ -59,9 +71,48 @@ pub struct NodeConfig {
     /// Where attachments keep their state (nbdfuse mount points, device records).
     #[arg(long, value_name = "DIR", default_value = "/run/flashcopy-csi/node")]
     pub state_dir: PathBuf,
+    /// Kernel nbd: connections per device, one per CPU up to this many.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub nbd_max_connections: usize,
+    /// Kernel nbd: exactly this many connections per device (instead of one per CPU).
+    #[arg(long, value_name = "N")]
+    pub nbd_connections: Option<usize>,
+    /// Kernel nbd: how long a device queues its I/O while its agent is away (restarts within
+    /// this are a pause for the workload; past it the device fails I/O until the agent is back).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub nbd_dead_timeout: u64,
+    /// Kernel nbd: how long a request may go unanswered before it is sent again on a new
+    /// connection (also the longest a request caught in an agent crash waits).
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    pub nbd_io_timeout: u64,
 }
 
 impl NodeConfig {
+    /// Settings with the kernel nbd defaults.
+    pub fn new(endpoint: String, node_id: String, agent: String, state_dir: PathBuf) -> Self {
+        let k = KernelConfig::default();
+        Self {
+            endpoint,
+            node_id,
+            agent,
+            state_dir,
+            nbd_max_connections: k.max_connections,
+            nbd_connections: None,
+            nbd_dead_timeout: k.dead_timeout.as_secs(),
+            nbd_io_timeout: k.io_timeout.as_secs(),
+        }
+    }
+
+    /// The kernel nbd settings of these flags.
+    pub fn kernel(&self) -> KernelConfig {
+        KernelConfig {
+            max_connections: self.nbd_max_connections.max(1),
+            connections: self.nbd_connections.map(|n| n.max(1)),
+            dead_timeout: std::time::Duration::from_secs(self.nbd_dead_timeout),
+            io_timeout: std::time::Duration::from_secs(self.nbd_io_timeout.max(1)),
+        }
+    }
+
     /// The service this configuration describes; broken attachments left by an earlier run
     /// are cleaned up first.
     pub fn service(&self) -> Result<NodeService, ServeError> {
@@ -71,7 +122,7 @@ impl NodeConfig {
                 self.node_id
             )));
         }
-        let attacher: Arc<dyn Attacher> = default_attacher(&self.state_dir)
+        let attacher: Arc<dyn Attacher> = default_attacher(&self.state_dir, self.kernel())
             .map_err(|e| ServeError::Config(e.to_string()))?
             .into();
         let cleaned = attacher

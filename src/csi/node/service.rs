@@ -249,10 +249,26 @@ fn stage(
     Ok(())
 }
 
-fn single_writer_busy(volume: &str) -> CsiError {
+fn single_writer_busy(volume: &str, at: &Path) -> CsiError {
     CsiError::FailedPrecondition(format!(
-        "{volume} is SINGLE_NODE_SINGLE_WRITER and already published at another target path"
+        "{volume} is SINGLE_NODE_SINGLE_WRITER and already published at {}",
+        at.display()
     ))
+}
+
+/// Where `dev` is published other than at `staging`: binds of its filesystem (Filesystem
+/// access) and binds of the device node itself (Block access, which mountinfo shows as the
+/// node inside the /dev filesystem, not under the device's numbers). Both kinds count,
+/// whichever access type asks.
+fn published_elsewhere(dev: &Path, staging: &Path) -> Result<Option<PathBuf>, CsiError> {
+    let staging = mount::resolve(staging);
+    let fs = mount::mounts_of(dev).map_err(node_err)?;
+    let nodes = mount::binds_of_node(dev).map_err(node_err)?;
+    Ok(fs
+        .into_iter()
+        .chain(nodes)
+        .map(|m| m.mount_point)
+        .find(|p| *p != staging))
 }
 
 fn publish(
@@ -275,57 +291,60 @@ fn publish(
         Err(e) => return Err(node_err(e)),
     };
     let numbers = mount::device_numbers(&dev).map_err(node_err)?;
-    let existing = mount::mounted_at(target).map_err(node_err)?;
-    let io = |what| move |e| node_err(super::error::io_err(what, target)(e));
-    match &cap.access {
-        Access::Mount { .. } => {
-            let staged = mount::mounted_at(staging).map_err(node_err)?;
-            if staged.is_none_or(|m| m.dev != numbers) {
-                return Err(not_staged());
-            }
-            if let Some(m) = existing {
-                if m.dev != numbers || m.read_only() != read_only {
-                    return Err(CsiError::AlreadyExists(format!(
-                        "{} is already mounted ({} {}), incompatible with this request",
-                        target.display(),
-                        m.source,
-                        if m.read_only() { "ro" } else { "rw" }
-                    )));
-                }
-                return Ok(());
-            }
-            if cap.single_writer {
-                let staging_real = mount::resolve(staging);
-                let elsewhere = mount::mounts_of(&dev)
-                    .map_err(node_err)?
-                    .into_iter()
-                    .any(|m| m.mount_point != staging_real);
-                if elsewhere {
-                    return Err(single_writer_busy(volume));
-                }
-            }
-            std::fs::create_dir_all(target).map_err(io("creating"))?;
-            mount::bind(staging, target, read_only, &[]).map_err(node_err)?;
+    let block = matches!(cap.access, Access::Block);
+    if !block {
+        let staged = mount::mounted_at(staging).map_err(node_err)?;
+        if staged.is_none_or(|m| m.dev != numbers) {
+            return Err(not_staged());
         }
-        Access::Block => {
-            if let Some(m) = existing {
-                let ours = mount::binds_of_node(&dev)
-                    .map_err(node_err)?
-                    .iter()
-                    .any(|b| b.mount_point == m.mount_point);
-                if !ours || m.read_only() != read_only {
-                    return Err(CsiError::AlreadyExists(format!(
-                        "{} is already a mount point, incompatible with this request",
-                        target.display()
-                    )));
-                }
-                return Ok(());
-            }
-            if !target.exists() {
-                std::fs::File::create(target).map_err(io("creating"))?;
-            }
-            mount::bind(&dev, target, read_only, &[]).map_err(node_err)?;
+    }
+    if let Some(m) = mount::mounted_at(target).map_err(node_err)? {
+        // Already published here: the same call again succeeds, anything else is refused.
+        let ours = if block {
+            mount::binds_of_node(&dev)
+                .map_err(node_err)?
+                .iter()
+                .any(|b| b.mount_point == m.mount_point)
+        } else {
+            m.dev == numbers
+        };
+        if !ours || m.read_only() != read_only {
+            return Err(CsiError::AlreadyExists(format!(
+                "{} is already mounted ({} {}), incompatible with this request",
+                target.display(),
+                m.source,
+                if m.read_only() { "ro" } else { "rw" }
+            )));
         }
+        return Ok(());
+    }
+    // Refusals first: nothing is created at the target until the publish goes ahead.
+    if cap.single_writer
+        && let Some(at) = published_elsewhere(&dev, staging)?
+    {
+        return Err(single_writer_busy(volume, &at));
+    }
+    // Filesystem access binds the staged directory on a directory, Block access the device
+    // node on a file. What this call creates it removes again if the bind fails, so a failed
+    // publish leaves the target as it found it.
+    let (src, created) = if block {
+        let created = !target.exists();
+        if created {
+            std::fs::File::create(target)
+                .map_err(|e| node_err(super::error::io_err("creating", target)(e)))?;
+        }
+        (dev.as_path(), created)
+    } else {
+        let created = !target.exists();
+        std::fs::create_dir_all(target)
+            .map_err(|e| node_err(super::error::io_err("creating", target)(e)))?;
+        (staging, created)
+    };
+    if let Err(e) = mount::bind(src, target, read_only, &[]) {
+        if created {
+            let _ = remove_target(target);
+        }
+        return Err(node_err(e));
     }
     tracing::info!(volume, target = %target.display(), read_only, "published");
     Ok(())
