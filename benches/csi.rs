@@ -1,7 +1,7 @@
 //! Benchmarks of the CSI controller over a real agent (see /work/shared/docs/BENCHMARKS.md).
 //!
 //! `cargo bench --bench csi [-- --dir=PATH | --tmpfs] [--snapshots=N] [--rounds=N]
-//! [--only=snap,group] [--group-volumes=N] [--group-mib=N]`
+//! [--only=snap,group,scale] [--group-volumes=N] [--group-mib=N] [--scale-calls=N]`
 //!
 //! Starts an agent on a temporary directory (under /var/tmp, `--dir`, or /dev/shm with
 //! `--tmpfs`) and the CSI controller on a Unix socket, both in this process on their own
@@ -17,6 +17,12 @@
 //!    (default 50). Per round: the I/O pause window the agent measured (GetAgentInfo
 //!    `last_pause_micros`), the longest write the writers saw overlapping the call, and as the
 //!    peer the longest write in an equally long window just before the call.
+//! 3. CreateSnapshot with 16 and with 4096 mappings on the agent (IBM's limits: 16 sources x
+//!    256 snapshots). Two agents, each with 16 sparse 1 GiB sources: one holds 15 snapshots,
+//!    the other 4095 (sources 0-14 full, 255 of source 15); each call snapshots source 15, so it
+//!    makes the 16th or the 4096th mapping, and DeleteSnapshot takes it away again (then 20 ms
+//!    pass before the next call). Calls alternate between the agents (`--scale-calls` of each, default 50); p50/p99 of each and
+//!    their ratios (target <= 1.2: a start must cost the same at the 4096th mapping).
 
 use anyhow::{Context, Result, bail};
 use flashcopy_csi::agent::{self, Config};
@@ -50,6 +56,8 @@ struct Cfg {
     group: bool,
     group_volumes: usize,
     group_mib: u64,
+    scale: bool,
+    scale_calls: usize,
 }
 
 impl Cfg {
@@ -62,6 +70,8 @@ impl Cfg {
             group: true,
             group_volumes: 16,
             group_mib: 64,
+            scale: true,
+            scale_calls: 50,
         };
         for a in std::env::args().skip(1) {
             let num = |v: &str| v.parse::<usize>().ok();
@@ -78,9 +88,12 @@ impl Cfg {
                 c.group_volumes = n.max(1);
             } else if let Some(n) = a.strip_prefix("--group-mib=").and_then(num) {
                 c.group_mib = n.max(1) as u64;
+            } else if let Some(n) = a.strip_prefix("--scale-calls=").and_then(num) {
+                c.scale_calls = n.max(1);
             } else if let Some(list) = a.strip_prefix("--only=") {
                 c.snap = list.contains("snap");
                 c.group = list.contains("group");
+                c.scale = list.contains("scale");
             }
             // Anything else (cargo's `--bench`, name filters) is ignored.
         }
@@ -536,6 +549,109 @@ async fn bench_snapshots(stack: &Stack, cfg: &Cfg) -> Result<()> {
     Ok(())
 }
 
+/// Sources per agent in the scale bench, and IBM's snapshots per source.
+const SCALE_SOURCES: usize = 16;
+const MAPS_PER_SOURCE: usize = 256;
+
+async fn snapshot(ctl: &mut ControllerClient<Channel>, name: String, src: &str) -> Result<String> {
+    let s = ctl
+        .create_snapshot(csi::CreateSnapshotRequest {
+            name: name.clone(),
+            source_volume_id: src.into(),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("snapshot {name}"))?
+        .into_inner()
+        .snapshot
+        .context("no snapshot")?;
+    if !s.ready_to_use {
+        bail!("snapshot {} is not ready to use", s.snapshot_id);
+    }
+    Ok(s.snapshot_id)
+}
+
+/// An agent with 16 sources and `mappings - 1` snapshots of them, all but source 15's first.
+async fn scale_stack(
+    base: &Path,
+    mappings: usize,
+) -> Result<(Stack, ControllerClient<Channel>, String)> {
+    let stack = Stack::start(&base.join(format!("scale-{mappings}")))?;
+    let mut ctl = ControllerClient::new(stack.csi().await?);
+    let mut srcs = Vec::new();
+    for i in 0..SCALE_SOURCES {
+        srcs.push(create_volume(&mut ctl, &format!("scale-src-{i}"), GIB).await?);
+    }
+    let last = SCALE_SOURCES - 1;
+    let per = ((mappings - 1) / last).min(MAPS_PER_SOURCE);
+    let on_last = mappings - 1 - per * last;
+    let t0 = Instant::now();
+    for (i, src) in srcs.iter().enumerate() {
+        let n = if i == last { on_last } else { per };
+        for j in 0..n {
+            snapshot(&mut ctl, format!("scale-fill-{i}-{j}"), src).await?;
+        }
+    }
+    println!(
+        "agent with {mappings} mappings: {} snapshots made in {:.1} s",
+        mappings - 1,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok((stack, ctl, srcs.swap_remove(last)))
+}
+
+/// Returns the agents, to be stopped outside the runtime (their clients are closed here).
+async fn bench_scale(base: &Path, cfg: &Cfg) -> Result<Vec<Stack>> {
+    let levels = [16, 4096];
+    let mut agents = Vec::new();
+    for n in levels {
+        agents.push(scale_stack(base, n).await?);
+    }
+    let mut creates = vec![Vec::new(); levels.len()];
+    let mut deletes = vec![Vec::new(); levels.len()];
+    for i in 0..cfg.scale_calls {
+        for (k, (_, ctl, src)) in agents.iter_mut().enumerate() {
+            let t = Instant::now();
+            let id = snapshot(ctl, format!("scale-call-{i}"), src).await?;
+            creates[k].push(t.elapsed());
+            let t = Instant::now();
+            ctl.delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: id,
+                ..Default::default()
+            })
+            .await?;
+            deletes[k].push(t.elapsed());
+            // Let what the delete left running (the copy workers' scan) finish first: the
+            // row is about the create.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let c: Vec<Dist> = creates.into_iter().map(Dist::new).collect();
+    println!();
+    println!(
+        "CreateSnapshot with 16 and with 4096 mappings on the agent ({} of each, alternating):",
+        cfg.scale_calls
+    );
+    header();
+    for (n, d) in levels.iter().zip(&c) {
+        row(&format!("CreateSnapshot, the {n}th mapping"), d, "");
+    }
+    for (n, d) in levels.iter().zip(deletes) {
+        row(
+            &format!("DeleteSnapshot, back to {} mappings", n - 1),
+            &Dist::new(d),
+            "",
+        );
+    }
+    let ratio = |p| c[1].pct(p).as_secs_f64() / c[0].pct(p).as_secs_f64().max(1e-9);
+    println!(
+        "4096 / 16 mappings: p50 ratio {:.2}, p99 ratio {:.2} (target <= 1.2)",
+        ratio(50.0),
+        ratio(99.0)
+    );
+    Ok(agents.into_iter().map(|(stack, _, _)| stack).collect())
+}
+
 /// One write as a writer saw it: start and end since the bench's epoch.
 #[derive(Clone, Copy)]
 struct Op {
@@ -712,6 +828,10 @@ fn main() -> Result<()> {
     if cfg.group {
         let stack = Stack::start(&base.path().join("group"))?;
         rt.block_on(bench_group(&stack, &cfg))?;
+    }
+    if cfg.scale {
+        let stacks = rt.block_on(bench_scale(base.path(), &cfg))?;
+        drop(stacks);
     }
     if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
         println!("load average at end: {}", l.trim());

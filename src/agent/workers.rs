@@ -8,7 +8,7 @@
 
 use super::convert;
 use super::events::EventHub;
-use crate::engine::{Engine, GroupId, MapId, MapState};
+use crate::engine::{Engine, GroupId, MapId, MapState, Mapping};
 use crate::proto::agent::v1 as pb;
 use crate::volume::{Pool, VolumeError};
 use parking_lot::Mutex;
@@ -35,12 +35,15 @@ pub struct Workers {
 }
 
 /// Whether a mapping needs a worker now. A copying mapping at copy rate 0 needs one only to
-/// complete, once host writes have split every grain.
-fn needs_worker(e: &Engine, map: MapId) -> bool {
-    e.mapping(map).is_some_and(|m| {
-        (m.state == MapState::Copying && (m.copy_rate > 0 || e.copy_complete_ready(map)))
-            || m.state == MapState::Stopping
-    })
+/// complete, once host writes have split every grain. The supervisor asks this of every
+/// mapping after every command: the cheap tests go first (a rate-0 snapshot with a grain left
+/// to split costs one word compare, no lookup).
+fn needs_worker(e: &Engine, m: &Mapping) -> bool {
+    match m.state {
+        MapState::Copying => m.copy_rate > 0 || (m.split_all() && e.copy_complete_ready(m.id)),
+        MapState::Stopping => true,
+        _ => false,
+    }
 }
 
 /// What a worker compares before and after a slice to report state changes.
@@ -95,8 +98,8 @@ impl Workers {
             let todo: Vec<MapId> = {
                 let e = self.pool.engine();
                 e.mappings()
+                    .filter(|m| needs_worker(&e, m))
                     .map(|m| m.id)
-                    .filter(|m| needs_worker(&e, *m))
                     .collect()
             };
             for map in todo {
@@ -122,7 +125,7 @@ impl Workers {
         loop {
             let before = {
                 let e = self.pool.engine();
-                if *shutdown.borrow() || !needs_worker(&e, map) {
+                if *shutdown.borrow() || !e.mapping(map).is_some_and(|m| needs_worker(&e, m)) {
                     break;
                 }
                 seen(&e, map, None)

@@ -38,7 +38,7 @@ pub use plan::{GrainCopy, GrainPlan, IoShape};
 pub use types::*;
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A volume as the engine sees it: an id, a name and a size. Its bytes live in a store.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +137,10 @@ impl Mapping {
     /// the mapped range (a target larger than its source owns the rest).
     pub fn owns(&self, g: u64) -> bool {
         g >= self.split.len() || self.split.get(g)
+    }
+    /// Whether every grain is split (stops at the first one that is not).
+    pub fn split_all(&self) -> bool {
+        self.split.all()
     }
     /// Split grains.
     pub fn split_count(&self) -> u64 {
@@ -389,6 +393,23 @@ pub enum Event {
     },
 }
 
+/// The derived facts an op can change (see [`Engine::apply`]).
+enum Refresh {
+    /// A grain split: only a stopping mapping's target can come online.
+    Split { map: MapId },
+    /// Nothing.
+    Nothing,
+    /// The offline reasons and recorders of these volumes; the sets keep their members.
+    Facts(Vec<VolId>),
+    /// A new mapping joined the sets of its ends, whose domains were `before`.
+    Join {
+        ends: [VolId; 2],
+        before: [Option<(VolId, GrainSize)>; 2],
+    },
+    /// Everything of the connected sets of these volumes (taken before the op).
+    Sets(BTreeSet<VolId>),
+}
+
 /// The FlashCopy engine of one agent.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Engine {
@@ -514,14 +535,16 @@ impl Engine {
 
     /// Applies an op. On error nothing changed.
     pub fn apply(&mut self, op: &Op) -> Result<Vec<Event>, EngineError> {
+        // What to refresh is worked out before the op runs: a deletion can split a set.
+        let refresh = self.refresh_for(op);
         let mut ev = Vec::new();
         self.apply_inner(op, &mut ev)?;
-        match op {
-            // A split can bring the target of a stopping mapping online (100% copied).
-            Op::MarkSplit { map, .. } => {
+        match refresh {
+            Refresh::Split { map } => {
+                // A split can bring the target of a stopping mapping online (100% copied).
                 if let Some(m) = self
                     .mappings
-                    .get(map)
+                    .get(&map)
                     .filter(|m| m.state == MapState::Stopping)
                 {
                     let t = m.target;
@@ -529,9 +552,115 @@ impl Engine {
                     self.volumes.get_mut(&t).unwrap().offline = why;
                 }
             }
-            Op::MarkDiff { .. } => {}
-            _ => self.refresh_derived(),
+            Refresh::Nothing => {}
+            Refresh::Facts(vols) => self.refresh_facts(&vols),
+            Refresh::Join { ends, before } => self.join_sets(ends, before),
+            Refresh::Sets(around) => self.refresh_derived(around),
         }
+        // Small engines (every test's) check the result against a refresh of everything.
+        debug_assert!(
+            self.volumes.len() > 64
+                || matches!(op, Op::MarkSplit { .. } | Op::MarkDiff { .. })
+                || self.derived_match_full(),
+            "derived facts are stale after {op:?}"
+        );
         Ok(ev)
+    }
+
+    /// What `op` can change of the derived facts. Only the connected sets it touches, and
+    /// for most commands (a start above all) only the facts of the volumes of its mappings:
+    /// refreshing every volume after every command made each one cost time linear in the
+    /// mappings of the whole agent, and a BFS of the set time linear in a source's snapshots.
+    fn refresh_for(&self, op: &Op) -> Refresh {
+        match op {
+            Op::MarkSplit { map, .. } => Refresh::Split { map: *map },
+            Op::MarkDiff { .. } => Refresh::Nothing,
+            // Only states and flags change: links move within a cascade (a start links the
+            // mapping to its own source and moves older ones below its target), so every
+            // set keeps its members.
+            Op::CreateVolume { .. }
+            | Op::DeleteVolume { .. }
+            | Op::ResizeVolume { .. }
+            | Op::RenameVolume { .. }
+            | Op::CreateGroup { .. }
+            | Op::DeleteGroup { .. }
+            | Op::Prepare { .. }
+            | Op::FlushDone { .. }
+            | Op::FlushFailed { .. }
+            | Op::Start { .. }
+            | Op::BitmapOffline { .. }
+            | Op::BitmapOnline { .. }
+            | Op::PrepareGroup { .. }
+            | Op::GroupFlushDone { .. }
+            | Op::GroupFlushFailed { .. }
+            | Op::StartGroup { .. } => Refresh::Facts(self.touches(op)),
+            Op::CreateMapping { spec, .. } => {
+                let domain = |v: VolId| self.volumes.get(&v).and_then(|v| v.domain);
+                Refresh::Join {
+                    ends: [spec.source, spec.target],
+                    before: [domain(spec.source), domain(spec.target)],
+                }
+            }
+            // Deletions and unlinks can split a set, and an autodelete can hide in a modify.
+            Op::DeleteMapping { .. }
+            | Op::Modify { .. }
+            | Op::Stop { .. }
+            | Op::StopGroup { .. }
+            | Op::IoError { .. }
+            | Op::CopyComplete { .. }
+            | Op::CleanComplete { .. } => Refresh::Sets(self.component(self.touches(op))),
+        }
+    }
+
+    /// The volumes whose mappings `op` may change (its volume, the ends of its mapping and of
+    /// the mapping's group, or of its group's members). Whatever else it changes is connected
+    /// to them: a start or stop relinks only mappings of the same cascade.
+    fn touches(&self, op: &Op) -> Vec<VolId> {
+        let ends = |maps: &[MapId]| -> Vec<VolId> {
+            maps.iter()
+                .filter_map(|m| self.mappings.get(m))
+                .flat_map(|m| [m.source, m.target])
+                .collect()
+        };
+        let members = |g: &GroupId| self.groups.get(g).map_or(Vec::new(), |g| ends(&g.members));
+        match op {
+            Op::CreateVolume { .. } | Op::CreateGroup { .. } => Vec::new(),
+            Op::DeleteVolume { id } | Op::ResizeVolume { id, .. } | Op::RenameVolume { id, .. } => {
+                vec![*id]
+            }
+            Op::CreateMapping { spec, .. } => vec![spec.source, spec.target],
+            Op::Prepare { map, .. }
+            | Op::FlushDone { map }
+            | Op::FlushFailed { map }
+            | Op::Start { map, .. }
+            | Op::Stop { map, .. }
+            | Op::DeleteMapping { map, .. }
+            | Op::Modify { map, .. }
+            | Op::IoError { map }
+            | Op::BitmapOffline { map }
+            | Op::BitmapOnline { map }
+            | Op::CopyComplete { map }
+            | Op::CleanComplete { map }
+            | Op::MarkSplit { map, .. }
+            | Op::MarkDiff { map, .. } => {
+                let group = self.mappings.get(map).and_then(|m| m.group);
+                let mut v = ends(&[*map]);
+                v.extend(group.map_or(Vec::new(), |g| members(&g)));
+                v
+            }
+            Op::PrepareGroup { group, .. }
+            | Op::GroupFlushDone { group }
+            | Op::GroupFlushFailed { group }
+            | Op::StartGroup { group, .. }
+            | Op::StopGroup { group, .. }
+            | Op::DeleteGroup { group, .. } => members(group),
+        }
+    }
+
+    /// Whether the derived facts equal a refresh of every volume (checked in debug builds).
+    fn derived_match_full(&self) -> bool {
+        let mut full = self.clone();
+        full.refresh_derived(self.volumes.keys().copied().collect());
+        full.volumes == self.volumes
     }
 }

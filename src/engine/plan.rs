@@ -116,11 +116,32 @@ impl Engine {
         out
     }
 
-    /// Recomputes the per-volume facts the I/O path reads: lock domains (the lowest volume id
-    /// of each connected set), offline reasons and the incremental mappings to record into.
-    pub(super) fn refresh_derived(&mut self) {
+    /// `start` and every volume connected to it (volumes that no longer exist are left out).
+    pub(super) fn component(&self, start: impl IntoIterator<Item = VolId>) -> BTreeSet<VolId> {
+        let mut seen: BTreeSet<VolId> = start
+            .into_iter()
+            .filter(|v| self.volumes.contains_key(v))
+            .collect();
+        let mut todo: Vec<VolId> = seen.iter().copied().collect();
+        while let Some(x) = todo.pop() {
+            for (_, w) in self.neighbours(x) {
+                if seen.insert(w) {
+                    todo.push(w);
+                }
+            }
+        }
+        seen
+    }
+
+    /// Recomputes the per-volume facts the I/O path reads (lock domains: the lowest volume id
+    /// of each connected set; offline reasons; the incremental mappings to record into) for
+    /// the connected sets of `around`. Only the sets an op touched: a refresh of every volume
+    /// made each command cost time linear in the mappings of the whole agent.
+    pub(super) fn refresh_derived(&mut self, around: BTreeSet<VolId>) {
+        let scope = self.component(around);
         let mut domain: BTreeMap<VolId, (VolId, GrainSize)> = BTreeMap::new();
-        for (&id, v) in &self.volumes {
+        for &id in &scope {
+            let v = &self.volumes[&id];
             let Some(first) = v.maps.first().or(v.downs.first()) else {
                 continue;
             };
@@ -128,22 +149,24 @@ impl Engine {
                 continue;
             }
             let grain = self.mappings[first].grain;
-            let mut members = BTreeSet::from([id]);
-            let mut todo = vec![id];
-            while let Some(x) = todo.pop() {
-                for (_, w) in self.neighbours(x) {
-                    if members.insert(w) {
-                        todo.push(w);
-                    }
-                }
-            }
-            // `id` is the lowest id of its set: volumes are visited in id order.
-            for w in members {
+            // `id` is the lowest id of its set: the scope holds whole sets, visited in id order.
+            for w in self.component([id]) {
                 domain.insert(w, (id, grain));
             }
         }
-        let ids: Vec<VolId> = self.volumes.keys().copied().collect();
-        for id in ids {
+        for &id in &scope {
+            self.volumes.get_mut(&id).unwrap().domain = domain.get(&id).copied();
+        }
+        self.refresh_facts(&scope.into_iter().collect::<Vec<_>>());
+    }
+
+    /// Recomputes the offline reasons and recorders of `vols` (those that still exist): the
+    /// facts that depend only on a volume's own mappings.
+    pub(super) fn refresh_facts(&mut self, vols: &[VolId]) {
+        for &id in vols {
+            if !self.volumes.contains_key(&id) {
+                continue;
+            }
             let offline = self.offline_reason(id);
             let recorders = self
                 .mappings_of(id)
@@ -151,10 +174,32 @@ impl Engine {
                 .map(|m| m.id)
                 .collect();
             let v = self.volumes.get_mut(&id).unwrap();
-            v.domain = domain.get(&id).copied();
             v.offline = offline;
             v.recorders = recorders;
         }
+    }
+
+    /// After a new mapping joined the sets of `ends` (whose domains were `before`): the set's
+    /// lowest id stays the domain. When that is one end's existing domain and the other end
+    /// was alone (a new snapshot's target), only that end changes; otherwise the whole joined
+    /// set is relabelled.
+    pub(super) fn join_sets(&mut self, ends: [VolId; 2], before: [Option<(VolId, GrainSize)>; 2]) {
+        let [a, b] = ends;
+        let (vols, d) = match before {
+            [Some(x), Some(y)] if x == y => (vec![], x),
+            [Some(d), None] if d.0 < b => (vec![b], d),
+            [None, Some(d)] if d.0 < a => (vec![a], d),
+            // The new mapping is the only one of either: a set of two.
+            [None, None] => {
+                let grain = self.mappings[&self.volumes[&a].maps[0]].grain;
+                (vec![a, b], (a.min(b), grain))
+            }
+            _ => return self.refresh_derived(BTreeSet::from(ends)),
+        };
+        for v in vols {
+            self.volumes.get_mut(&v).unwrap().domain = Some(d);
+        }
+        self.refresh_facts(&ends);
     }
 
     /// Why host I/O to `vol` must fail now (FLASHCOPY.md §2.1), if it must.
