@@ -377,6 +377,18 @@ def check_driver(objs: list[dict[str, Any]], values: dict[str, Any], where: str,
     agent = container(objs, "DaemonSet", "agent")
     listen = arg_after(agent, "--listen")
     agent_port = int(listen.rsplit(":", 1)[1])
+    # The agent API on the network: mutual TLS, or plaintext only when a value says so.
+    plaintext = "--insecure-plaintext-tcp" in agent["args"]
+    fail.check(
+        plaintext == bool(values["node"]["agent"].get("insecurePlaintext")),
+        where,
+        "agent --insecure-plaintext-tcp without node.agent.insecurePlaintext (or the reverse)",
+    )
+    fail.check(
+        plaintext or all(f in agent["args"] for f in ("--tls-cert", "--tls-key", "--tls-client-ca")),
+        where,
+        f"agent --listen {listen} is neither TLS nor explicitly plaintext",
+    )
     ctl = container(objs, "Deployment", "csi-controller")
     template = arg_after(ctl, "--agent-template")
     fail.check("{node}" in template, where, f"agent template {template!r} lacks {{node}}")
@@ -627,6 +639,10 @@ def self_test(fail: Failures, binary: Path | None) -> None:
             {"name": "api-token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"})),
         ("health endpoint on an undeclared port", {}, lambda o: ds_container(o, "node-driver-registrar")[
             "args"].__setitem__(2, "--http-endpoint=:1234")),
+        ("agent API in plaintext without the value saying so", {"node": {"agent": {"insecurePlaintext": False}}},
+         lambda o: ds_container(o, "agent")["args"].append("--insecure-plaintext-tcp")),
+        ("agent API neither TLS nor explicitly plaintext", {}, lambda o: ds_container(o, "agent")[
+            "args"].remove("--insecure-plaintext-tcp")),
         *([("agent flag the binary does not know", {}, lambda o: ds_container(o, "agent")[
             "args"].append("--verbose"))] if binary else []),
         ("binding to a missing role", {}, lambda o: find(o, "RoleBinding")["roleRef"].update(name="missing")),

@@ -31,4 +31,5 @@ pub mod nbd;
 pub mod proto;
 pub mod standalone;
 pub mod store;
+pub mod tls;
 pub mod volume;

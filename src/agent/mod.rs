@@ -4,7 +4,8 @@
 //!
 //! - The pool is a directory of sparse files (`DIR/volumes`) or, with `--device`, a list of raw
 //!   block devices (one per volume, [`devices::DeviceBackend`]); metadata is in `DIR/meta`.
-//! - The API is async (tokio + tonic on a Unix socket, TCP when asked); every pool call runs on
+//! - The API is async (tokio + tonic on a Unix socket, and on TCP
+//!   with mutual TLS when asked: [`crate::tls`]); every pool call runs on
 //!   the blocking pool ([`service`]), and errors become statuses in one place ([`status`]).
 //! - Background copy and cleaning run at each mapping's rate ([`workers`]); state changes are
 //!   published as a server stream ([`events`]).
@@ -59,9 +60,23 @@ pub struct Config {
     /// NBD socket [default: DIR/nbd.sock].
     #[arg(long, value_name = "PATH")]
     pub nbd_socket: Option<PathBuf>,
-    /// Also serve the agent API on this TCP address (no TLS, no authentication).
+    /// Also serve the agent API on this TCP address: mutual TLS with --tls-cert, --tls-key
+    /// and --tls-client-ca, or plaintext only with --insecure-plaintext-tcp.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// Server certificate chain (PEM) for --listen, for the DNS name flashcopy-agent.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle (PEM): clients on --listen must present a certificate signed by one of them.
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve --listen without TLS or authentication: anyone who reaches the address can read,
+    /// overwrite and delete every volume. For tests and isolated networks only.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_client_ca"])]
+    pub insecure_plaintext_tcp: bool,
     /// Also serve NBD on this TCP address (no TLS, no authentication).
     #[arg(long, value_name = "ADDR")]
     pub nbd_listen: Option<SocketAddr>,
@@ -83,6 +98,10 @@ impl Config {
             socket: None,
             nbd_socket: None,
             listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            insecure_plaintext_tcp: false,
             nbd_listen: None,
             metrics_listen: None,
             capacity: None,
@@ -94,6 +113,42 @@ impl Config {
         self.socket
             .clone()
             .unwrap_or_else(|| self.data_dir.join("agent.sock"))
+    }
+
+    /// The TLS settings of the TCP listener: None for no listener or an explicitly plaintext
+    /// one; a listener without TLS and without `--insecure-plaintext-tcp` is refused.
+    pub fn tcp_tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, Error> {
+        let files = (&self.tls_cert, &self.tls_key, &self.tls_client_ca);
+        let any = files.0.is_some() || files.1.is_some() || files.2.is_some();
+        if any && self.insecure_plaintext_tcp {
+            return Err(Error::Config(
+                "--insecure-plaintext-tcp conflicts with --tls-cert/--tls-key/--tls-client-ca"
+                    .into(),
+            ));
+        }
+        let Some(addr) = self.listen else {
+            if any {
+                tracing::warn!("TLS files given without --listen: nothing uses them");
+            }
+            return Ok(None);
+        };
+        match files {
+            (Some(cert), Some(key), Some(ca)) => {
+                Ok(Some(crate::tls::server_config(cert, key, ca)?))
+            }
+            (None, None, None) if self.insecure_plaintext_tcp => {
+                tracing::warn!(addr = %addr, "serving the agent API on TCP WITHOUT TLS or authentication (--insecure-plaintext-tcp): anyone who reaches this address controls every volume");
+                Ok(None)
+            }
+            (None, None, None) => Err(Error::Config(format!(
+                "--listen {addr} would serve the agent API on the network without authentication: \
+                 give --tls-cert, --tls-key and --tls-client-ca (mutual TLS), or \
+                 --insecure-plaintext-tcp to accept that risk"
+            ))),
+            _ => Err(Error::Config(
+                "--tls-cert, --tls-key and --tls-client-ca go together".into(),
+            )),
+        }
     }
 
     /// The NBD socket.
@@ -125,6 +180,12 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
+    /// The command line does not make a safe configuration.
+    #[error("{0}")]
+    Config(String),
+    /// The TLS files could not be used.
+    #[error("agent API TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// Another process answers on the socket.
     #[error("{0} is in use by a running agent")]
     InUse(PathBuf),
@@ -197,6 +258,8 @@ async fn run_on(
     pool: Option<Pool>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
+    // Before anything is bound: a bad or missing TLS setup must not leave a half-started agent.
+    let tcp_tls = cfg.tcp_tls()?;
     let dir = cfg.data_dir.clone();
     std::fs::create_dir_all(&dir).map_err(io_err("creating the data directory", dir.display()))?;
     let (agent_path, nbd_path) = (cfg.agent_socket(), cfg.nbd_socket_path());
@@ -319,6 +382,7 @@ async fn run_on(
         nbd = %endpoints.nbd_socket,
         agent_tcp = %endpoints.agent_tcp,
         nbd_tcp = %endpoints.nbd_tcp,
+        agent_tcp_tls = tcp_tls.is_some(),
         "agent serving"
     );
 
@@ -336,8 +400,16 @@ async fn run_on(
         stopped(stop_rx.clone()),
     );
     let tcp = async {
-        match agent_tcp {
-            Some(l) => {
+        match (agent_tcp, tcp_tls.clone()) {
+            (Some(l), Some(tls)) => {
+                server()
+                    .serve_with_incoming_shutdown(
+                        crate::tls::incoming(l, tls, stop_rx.clone()),
+                        stopped(stop_rx.clone()),
+                    )
+                    .await
+            }
+            (Some(l), None) => {
                 server()
                     .serve_with_incoming_shutdown(
                         TcpListenerStream::new(l),
@@ -345,7 +417,7 @@ async fn run_on(
                     )
                     .await
             }
-            None => Ok(()),
+            (None, _) => Ok(()),
         }
     };
     let serve = async { tokio::join!(unix, tcp) };

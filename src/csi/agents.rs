@@ -1,5 +1,6 @@
 //! Which agent serves which node: `--agent NODE=URL` (repeatable) and `--agent-template URL`
-//! with `{node}` replaced by the node name. URLs are `unix:///PATH` or `http://HOST:PORT`.
+//! with `{node}` replaced by the node name. URLs are `unix:///PATH`, `https://HOST:PORT`
+//! (mutual TLS with `--agent-tls-*`, [`crate::tls`]) or `http://HOST:PORT`.
 //! Channels are created lazily and reused; tonic reconnects them after an agent restart.
 //! Listings cover the named nodes plus those discovered (`csi controller --nodes-from-csinodes`:
 //! the CSINode objects that name our driver), reached through the template.
@@ -10,7 +11,7 @@ use crate::proto::agent::v1::agent_client::AgentClient;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 
 /// The routing table from node names to agent clients.
 #[derive(Debug, Default)]
@@ -19,6 +20,7 @@ pub struct Agents {
     template: Option<String>,
     discovered: Mutex<BTreeSet<String>>,
     channels: Mutex<HashMap<String, Channel>>,
+    tls: Option<ClientTlsConfig>,
 }
 
 /// Parses `NODE=URL`.
@@ -38,7 +40,7 @@ fn check_url(url: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{url:?} is not an agent URL (unix:///PATH or http://HOST:PORT)"
+            "{url:?} is not an agent URL (unix:///PATH, https://HOST:PORT or http://HOST:PORT)"
         ))
     }
 }
@@ -60,7 +62,14 @@ impl Agents {
             template,
             discovered: Mutex::default(),
             channels: Mutex::default(),
+            tls: None,
         })
+    }
+
+    /// Uses `tls` (client certificate and agent CA) for `https://` agents.
+    pub fn with_tls(mut self, tls: Option<ClientTlsConfig>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The nodes named with `--agent` and the discovered ones the template reaches, in order:
@@ -100,10 +109,10 @@ impl Agents {
         let url = self
             .url(node)
             .ok_or_else(|| CsiError::NotFound(format!("no agent serves node {node:?}")))?;
-        let channel = Endpoint::from_shared(url.clone())
-            .map_err(|e| CsiError::Unavailable {
+        let channel = crate::tls::endpoint(&url, self.tls.as_ref())
+            .map_err(|why| CsiError::Unavailable {
                 node: node.into(),
-                why: format!("{url}: {e}"),
+                why,
             })?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(120))

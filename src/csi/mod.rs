@@ -42,7 +42,7 @@ pub struct ControllerConfig {
     /// Where to serve CSI: unix:///PATH (a stale socket there is replaced).
     #[arg(long, value_name = "unix:///PATH")]
     pub endpoint: String,
-    /// The agent of a node: NODE=URL (unix:///PATH or http://HOST:PORT). Repeat per node;
+    /// The agent of a node: NODE=URL (unix:///PATH, https://HOST:PORT or http://HOST:PORT). Repeat per node;
     /// these nodes are the ones listings, capacity and placement cover.
     #[arg(long = "agent", value_name = "NODE=URL", value_parser = agents::parse_agent_arg)]
     pub agents: Vec<(String, String)>,
@@ -56,6 +56,9 @@ pub struct ControllerConfig {
     /// the Kubernetes API every 30 s; needs `--agent-template`).
     #[arg(long, requires = "agent_template")]
     pub nodes_from_csinodes: bool,
+    /// Client certificate and agent CA for https:// agents.
+    #[command(flatten)]
+    pub agent_tls: crate::tls::ClientArgs,
 }
 
 /// Why a CSI server could not start or stopped.
@@ -123,8 +126,23 @@ pub fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
 impl ControllerConfig {
     /// The controller service this configuration describes.
     pub fn service(&self) -> Result<ControllerService, ServeError> {
+        let tls = self
+            .agent_tls
+            .load()
+            .map_err(|e| ServeError::Config(e.to_string()))?;
+        let https = self
+            .agents
+            .iter()
+            .map(|(_, u)| u)
+            .chain(&self.agent_template);
+        if tls.is_none() && https.into_iter().any(|u| u.starts_with("https://")) {
+            return Err(ServeError::Config(
+                "https:// agents need --agent-tls-ca, --agent-tls-cert and --agent-tls-key".into(),
+            ));
+        }
         let agents = Agents::new(self.agents.clone(), self.agent_template.clone())
-            .map_err(ServeError::Config)?;
+            .map_err(ServeError::Config)?
+            .with_tls(tls);
         Ok(ControllerService::new(
             agents,
             Duration::from_millis(self.freeze_timeout_ms),

@@ -15,7 +15,7 @@ use clap::{Subcommand, ValueEnum};
 use output as out;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// `println!` that ignores a closed stdout (`fc lsfcmap | head`).
@@ -37,9 +37,13 @@ macro_rules! out {
 /// `flashcopy-csi fc` arguments.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The agent: unix://PATH (e.g. unix://DIR/agent.sock), a socket path, or http://HOST:PORT.
+    /// The agent: unix://PATH (e.g. unix://DIR/agent.sock), a socket path, https://HOST:PORT
+    /// (with --agent-tls-ca/--agent-tls-cert/--agent-tls-key) or http://HOST:PORT.
     #[arg(long, value_name = "URI", global = true)]
     pub agent: Option<String>,
+    /// Client certificate and agent CA for an https:// agent.
+    #[command(flatten)]
+    pub agent_tls: crate::tls::ClientArgs,
     /// Output format (json: an array for listings, an object otherwise).
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
@@ -325,7 +329,10 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-async fn connect(agent: Option<&str>) -> Result<AgentClient<Channel>, FcError> {
+async fn connect(
+    agent: Option<&str>,
+    tls: &crate::tls::ClientArgs,
+) -> Result<AgentClient<Channel>, FcError> {
     let agent = agent.ok_or_else(|| {
         FcError::Usage("no agent given: use --agent unix://DIR/agent.sock".into())
     })?;
@@ -334,8 +341,9 @@ async fn connect(agent: Option<&str>) -> Result<AgentClient<Channel>, FcError> {
         uri: uri.clone(),
         why,
     };
-    let ep = Endpoint::from_shared(uri.clone())
-        .map_err(|e| err(chain(&e)))?
+    let tls = tls.load().map_err(|e| FcError::Usage(e.to_string()))?;
+    let ep = crate::tls::endpoint(&uri, tls.as_ref())
+        .map_err(err)?
         .connect_timeout(Duration::from_secs(5));
     let ch = ep.connect().await.map_err(|e| err(chain(&e)))?;
     Ok(AgentClient::new(ch))
@@ -356,7 +364,7 @@ async fn run(args: Args) -> Result<(), FcError> {
         }
         _ => None,
     };
-    let mut c = connect(args.agent.as_deref()).await?;
+    let mut c = connect(args.agent.as_deref(), &args.agent_tls).await?;
     let json = args.output == Output::Json;
     match args.verb {
         Verb::Mkvol { name, .. } => {
