@@ -263,15 +263,8 @@ impl KernelNbd {
             watcher: None,
         };
         me.watcher = Some(me.start_watcher()?);
-        for v in me.volumes()? {
-            if let Some(rec) = me.record(&v)
-                && configured(rec.index)
-            {
-                // Notifications missed while no plugin ran: a reconnect replaces only
-                // dead connections.
-                me.shared.dead.lock().insert(rec.index, Dead::now(true));
-            }
-        }
+        // Notifications missed while no plugin ran: a reconnect replaces only dead connections.
+        sweep(&me.root, &me.shared);
         Ok(me)
     }
 
@@ -280,12 +273,11 @@ impl KernelNbd {
     }
 
     fn record_path(&self, volume: &str) -> PathBuf {
-        self.dir(volume).join("attachment.json")
+        self.dir(volume).join(RECORD)
     }
 
     fn record(&self, volume: &str) -> Option<Record> {
-        let b = std::fs::read(self.record_path(volume)).ok()?;
-        serde_json::from_slice(&b).ok()
+        read_record(&self.dir(volume))
     }
 
     fn start_watcher(&self) -> Result<std::thread::JoinHandle<()>> {
@@ -331,14 +323,30 @@ impl Drop for KernelNbd {
     }
 }
 
+const RECORD: &str = "attachment.json";
+
+fn read_record(dir: &Path) -> Option<Record> {
+    serde_json::from_slice(&std::fs::read(dir.join(RECORD)).ok()?).ok()
+}
+
+/// Every attachment recorded under `root`: `(volume, record)`.
+fn records(root: &Path) -> Vec<(String, Record)> {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let v = unkey(&e.file_name().to_string_lossy())?;
+            Some((v, read_record(&e.path())?))
+        })
+        .collect()
+}
+
 /// The volume whose record names device `index`, with the record.
 fn owner(root: &Path, index: u32) -> Option<(String, Record)> {
-    std::fs::read_dir(root).ok()?.flatten().find_map(|e| {
-        let v = unkey(&e.file_name().to_string_lossy())?;
-        let b = std::fs::read(e.path().join("attachment.json")).ok()?;
-        let rec: Record = serde_json::from_slice(&b).ok()?;
-        (rec.index == index).then_some((v, rec))
-    })
+    records(root)
+        .into_iter()
+        .find(|(_, rec)| rec.index == index)
 }
 
 /// The watcher: marks devices dead on the driver's notifications and reconnects them as soon
@@ -435,16 +443,8 @@ fn watch(
 /// Marks every recorded, configured device for a reconnect attempt (replaces only dead
 /// connections).
 fn sweep(root: &Path, shared: &Shared) {
-    let Ok(rd) = std::fs::read_dir(root) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let Ok(b) = std::fs::read(e.path().join("attachment.json")) else {
-            continue;
-        };
-        if let Ok(rec) = serde_json::from_slice::<Record>(&b)
-            && configured(rec.index)
-        {
+    for (_, rec) in records(root) {
+        if configured(rec.index) {
             shared
                 .dead
                 .lock()
