@@ -8,15 +8,26 @@
 //!   is logged with its address and the reason; no key material is ever logged.
 //! - Clients (`csi controller`, `fc`) take `--agent-tls-ca/--agent-tls-cert/--agent-tls-key`
 //!   ([`ClientArgs`]) and use them for `https://` agent URLs.
+//! - Files are re-read while running ([`ServerTls`], [`ClientTls`]): a rotation (a Kubernetes
+//!   Secret updated in place) takes effect for new connections without a restart. A half-written
+//!   or mismatched set is logged and the previous one kept, so a rotation never stops service.
+//! - At most [`MAX_PENDING_HANDSHAKES`] handshakes run at once, and at most
+//!   [`MAX_PENDING_PER_ADDRESS`] from one IP address: a flood of idle connections can neither
+//!   exhaust the agent's memory or tasks nor crowd out other clients; the excess is closed at
+//!   once.
 
+use parking_lot::Mutex;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
@@ -29,6 +40,15 @@ pub const AGENT_SERVER_NAME: &str = "flashcopy-agent";
 
 /// A client that has not finished its handshake by then is dropped (and logged).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handshakes in progress at most; a connection beyond them is closed unanswered.
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
+
+/// Handshakes in progress from one IP address at most (the controller needs one at a time).
+pub const MAX_PENDING_PER_ADDRESS: usize = 8;
+
+/// How often, at most, certificate files are looked at again for a change.
+pub const RELOAD_CHECK: Duration = Duration::from_secs(1);
 
 /// Why TLS could not be set up. Messages name files, never their contents.
 #[derive(Debug, thiserror::Error)]
@@ -120,16 +140,109 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// A fingerprint of the bytes of some files (None: one could not be read).
+fn fingerprint(paths: &[&Path]) -> Option<u64> {
+    let mut h = DefaultHasher::new();
+    for p in paths {
+        std::fs::read(p).ok()?.hash(&mut h);
+    }
+    Some(h.finish())
+}
+
+/// Files watched for a change: each check (at most every [`RELOAD_CHECK`]) compares their
+/// fingerprint with the one of the set in use and the last one that failed.
+#[derive(Debug)]
+struct Watched {
+    files: Vec<PathBuf>,
+    in_use: u64,
+    failed: Option<u64>,
+    checked: Instant,
+}
+
+impl Watched {
+    fn new(files: Vec<PathBuf>) -> Self {
+        let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+        Self {
+            in_use: fingerprint(&refs).unwrap_or(0),
+            files,
+            failed: None,
+            checked: Instant::now(),
+        }
+    }
+
+    /// The new fingerprint when the files changed since the set in use (and since the last
+    /// set that failed to load); None otherwise or when checked less than a period ago.
+    fn changed(&mut self) -> Option<u64> {
+        if self.checked.elapsed() < RELOAD_CHECK {
+            return None;
+        }
+        self.checked = Instant::now();
+        let refs: Vec<&Path> = self.files.iter().map(PathBuf::as_path).collect();
+        let now = fingerprint(&refs)?;
+        (now != self.in_use && Some(now) != self.failed).then_some(now)
+    }
+
+    fn names(&self) -> String {
+        let names: Vec<String> = self.files.iter().map(|p| p.display().to_string()).collect();
+        names.join(", ")
+    }
+}
+
+/// The agent's server TLS, re-read when its files change.
+#[derive(Debug)]
+pub struct ServerTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+    state: Mutex<(Watched, Arc<ServerConfig>)>,
+}
+
+impl ServerTls {
+    /// Loads the files now (an error here stops the agent before it binds).
+    pub fn load(cert: &Path, key: &Path, client_ca: &Path) -> Result<Arc<Self>, TlsError> {
+        let config = server_config(cert, key, client_ca)?;
+        let watched = Watched::new(vec![cert.into(), key.into(), client_ca.into()]);
+        Ok(Arc::new(Self {
+            cert: cert.into(),
+            key: key.into(),
+            client_ca: client_ca.into(),
+            state: Mutex::new((watched, config)),
+        }))
+    }
+
+    /// The configuration for the next handshake: the files' current contents when they changed
+    /// and load, the previous configuration otherwise.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        let mut st = self.state.lock();
+        if let Some(fp) = st.0.changed() {
+            match server_config(&self.cert, &self.key, &self.client_ca) {
+                Ok(c) => {
+                    tracing::info!(files = %st.0.names(), "TLS certificates reloaded");
+                    st.0.in_use = fp;
+                    st.0.failed = None;
+                    st.1 = c;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "changed TLS files do not load; still using the previous ones");
+                    st.0.failed = Some(fp);
+                }
+            }
+        }
+        st.1.clone()
+    }
+}
+
 /// Accepts TCP connections and completes their TLS handshakes, yielding only the clients
 /// that presented a valid certificate. Refusals are logged with the peer and the reason.
 /// Stops accepting when `stop` turns true (or tonic drops the stream).
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    tls: Arc<ServerTls>,
     mut stop: watch::Receiver<bool>,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(16);
-    let acceptor = TlsAcceptor::from(config);
+    let pending = Arc::new(Pending::default());
+    let mut shed = Shed::default();
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -146,10 +259,86 @@ pub fn incoming(
                 () = async { let _ = stop.wait_for(|s| *s).await; } => break,
                 () = tx.closed() => break,
             };
-            tokio::spawn(handshake(acceptor.clone(), tcp, peer, tx.clone()));
+            let Some(permit) = Pending::enter(&pending, peer.ip()) else {
+                drop(tcp);
+                shed.one(peer);
+                continue;
+            };
+            let acceptor = TlsAcceptor::from(tls.current());
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                handshake(acceptor, tcp, peer, tx).await;
+                drop(permit);
+            });
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Handshakes in progress, in all and per peer address.
+#[derive(Default)]
+struct Pending(Mutex<(usize, HashMap<IpAddr, usize>)>);
+
+/// One handshake counted in [`Pending`] until dropped.
+struct Permit(Arc<Pending>, IpAddr);
+
+impl Pending {
+    fn enter(this: &Arc<Self>, ip: IpAddr) -> Option<Permit> {
+        let mut g = this.0.lock();
+        let (total, by_ip) = &mut *g;
+        let mine = by_ip.entry(ip).or_default();
+        if *total >= MAX_PENDING_HANDSHAKES || *mine >= MAX_PENDING_PER_ADDRESS {
+            if *mine == 0 {
+                by_ip.remove(&ip);
+            }
+            return None;
+        }
+        *mine += 1;
+        *total += 1;
+        Some(Permit(this.clone(), ip))
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut g = self.0.0.lock();
+        let (total, by_ip) = &mut *g;
+        *total -= 1;
+        if let Some(n) = by_ip.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                by_ip.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Connections closed because too many handshakes were pending: logged at most every 10 s,
+/// with the count, so that a flood does not flood the log too.
+#[derive(Default)]
+struct Shed {
+    count: u64,
+    logged: Option<Instant>,
+}
+
+impl Shed {
+    fn one(&mut self, peer: SocketAddr) {
+        self.count += 1;
+        if self
+            .logged
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            tracing::warn!(
+                peer = %peer,
+                closed = self.count,
+                limit = MAX_PENDING_HANDSHAKES,
+                per_address = MAX_PENDING_PER_ADDRESS,
+                "closing connections: too many TLS handshakes pending"
+            );
+            self.logged = Some(Instant::now());
+            self.count = 0;
+        }
+    }
 }
 
 async fn handshake(
@@ -195,27 +384,85 @@ pub struct ClientArgs {
 impl ClientArgs {
     /// The client TLS settings, or None when no flag is given; all three or none.
     pub fn load(&self) -> Result<Option<ClientTlsConfig>, TlsError> {
+        self.files()?
+            .map(|(ca, cert, key)| client_config(&ca, &cert, &key))
+            .transpose()
+    }
+
+    /// As [`Self::load`], re-reading the files when they change (long-running clients).
+    pub fn reloading(&self) -> Result<Option<ClientTls>, TlsError> {
+        let Some((ca, cert, key)) = self.files()? else {
+            return Ok(None);
+        };
+        let config = client_config(&ca, &cert, &key)?;
+        let watched = Watched::new(vec![ca.clone(), cert.clone(), key.clone()]);
+        Ok(Some(ClientTls {
+            files: (ca, cert, key),
+            state: Mutex::new((watched, config)),
+        }))
+    }
+
+    fn files(&self) -> Result<Option<(PathBuf, PathBuf, PathBuf)>, TlsError> {
         match (
             &self.agent_tls_ca,
             &self.agent_tls_cert,
             &self.agent_tls_key,
         ) {
             (None, None, None) => Ok(None),
-            (Some(ca), Some(cert), Some(key)) => {
-                // Parse now so that a bad file fails at start, not at the first call.
-                load_certs(ca)?;
-                load_certs(cert)?;
-                load_key(key)?;
-                Ok(Some(
-                    ClientTlsConfig::new()
-                        .ca_certificate(Certificate::from_pem(read(ca)?))
-                        .identity(Identity::from_pem(read(cert)?, read(key)?))
-                        .domain_name(AGENT_SERVER_NAME),
-                ))
-            }
+            (Some(ca), Some(cert), Some(key)) => Ok(Some((ca.clone(), cert.clone(), key.clone()))),
             _ => Err(TlsError::Usage(
                 "--agent-tls-ca, --agent-tls-cert and --agent-tls-key go together".into(),
             )),
+        }
+    }
+}
+
+fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<ClientTlsConfig, TlsError> {
+    // Parse now so that a bad file fails here, not at the first call.
+    load_certs(ca)?;
+    load_certs(cert)?;
+    load_key(key)?;
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(ca)?))
+        .identity(Identity::from_pem(read(cert)?, read(key)?))
+        .domain_name(AGENT_SERVER_NAME))
+}
+
+/// Client TLS whose files are re-read when they change: the CSI controller keeps channels to
+/// agents for its lifetime, and a rotation must reach them without a restart.
+#[derive(Debug)]
+pub struct ClientTls {
+    files: (PathBuf, PathBuf, PathBuf),
+    state: Mutex<(Watched, ClientTlsConfig)>,
+}
+
+impl ClientTls {
+    /// The settings in use.
+    pub fn config(&self) -> ClientTlsConfig {
+        self.state.lock().1.clone()
+    }
+
+    /// Re-reads the files if they changed; true when a new set is now in use (channels made
+    /// with the previous one should be remade). A set that does not load is logged and skipped.
+    pub fn refresh(&self) -> bool {
+        let mut st = self.state.lock();
+        let Some(fp) = st.0.changed() else {
+            return false;
+        };
+        let (ca, cert, key) = &self.files;
+        match client_config(ca, cert, key) {
+            Ok(c) => {
+                tracing::info!(files = %st.0.names(), "agent client TLS certificates reloaded");
+                st.0.in_use = fp;
+                st.0.failed = None;
+                st.1 = c;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "changed agent client TLS files do not load; still using the previous ones");
+                st.0.failed = Some(fp);
+                false
+            }
         }
     }
 }

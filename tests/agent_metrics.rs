@@ -244,6 +244,41 @@ fn scrape_after_nbd_io_snapshots_and_group_starts() {
         "a start pauses I/O for far less than 10 s"
     );
 
+    // What Prometheus needs and nothing more: aggregate counts by a fixed vocabulary of labels;
+    // no volume, mapping or group name or id (the endpoint has no authentication).
+    let (_, raw) = agent_common::http_raw(
+        addr,
+        b"GET /metrics HTTP/1.1\r\nHost: agent\r\nAccept: text/plain\r\n\r\n",
+    );
+    let vols: serde_json::Value = serde_json::from_str(&a.fc_ok(&["-o", "json", "lsvol"])).unwrap();
+    let names: Vec<String> = vols
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(names.len() >= 4, "{names:?}");
+    for key in m8.keys() {
+        let Some((_, labels)) = key.split_once('{') else {
+            continue;
+        };
+        for pair in labels.trim_end_matches('}').split(',') {
+            let (k, v) = pair.split_once('=').unwrap();
+            assert!(
+                ["op", "reason", "state", "kind", "le"].contains(&k),
+                "label {k} in {key}"
+            );
+            assert!(!names.iter().any(|n| v.trim_matches('"') == n), "{key}");
+        }
+    }
+    for n in &names {
+        assert!(
+            !raw.split(|c: char| !(c.is_alphanumeric() || c == '-' || c == '_'))
+                .any(|w| w == n),
+            "volume name {n:?} in the metrics"
+        );
+    }
+
     a.stop().unwrap();
 }
 

@@ -425,49 +425,224 @@ fn a_tcp_listener_needs_tls_or_the_explicit_plaintext_flag() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("ca1.pem"), "{e}");
 
-    // With the explicit flag: it serves, and warns.
+    // NBD on TCP has no authentication: refused without its own explicit flag.
+    let nbd = free_local_addr().to_string();
+    let o = run(&[
+        "--insecure-plaintext-tcp".into(),
+        "--nbd-listen".into(),
+        nbd.clone(),
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("--insecure-plaintext-nbd"),
+        "{e}"
+    );
+
+    // With the explicit flags: it serves, and warns.
     let dir = tmp.path().join("plain");
-    let (agent, addr) = agent(&dir, &["--insecure-plaintext-tcp".into()]);
+    let (agent, addr) = agent(
+        &dir,
+        &[
+            "--insecure-plaintext-tcp".into(),
+            "--nbd-listen".into(),
+            nbd,
+            "--insecure-plaintext-nbd".into(),
+        ],
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     assert_eq!(rt.block_on(list(addr, None)), Ok(vec![]));
     agent.wait_log("WITHOUT TLS", 1);
+    agent.wait_log("NBD on TCP WITHOUT authentication", 1);
 }
 
-#[test]
-fn rotation_new_ca_bundle_then_new_certificates_with_no_failed_call() {
+/// Replaces `dst` with the contents of `src` in one step, as the kubelet swaps a mounted Secret.
+fn swap(pki: &Pki, src: &str, dst: &Path) {
+    let tmp = dst.with_extension("new");
+    std::fs::write(&tmp, pki.read(src)).unwrap();
+    std::fs::rename(&tmp, dst).unwrap();
+}
+
+/// The rotation the chart documents, on running processes (no restart): every party first
+/// trusts both CAs, then gets certificates of the new CA, then the old CA leaves the bundles.
+/// Calls through the CSI controller run the whole time and none fails; afterwards a client of
+/// the old CA is refused by the same agent process. A broken set (a key that does not match)
+/// is refused with a log line and the previous set stays in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_in_place_new_ca_bundle_then_new_certificates_with_no_failed_call() {
+    use csi::controller_client::ControllerClient;
     let tmp = tempfile::tempdir().unwrap();
     let pki = Pki::new(tmp.path());
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let dir = tmp.path().join("agent");
-    let call = |addr, ca: &str, client: &str| {
-        rt.block_on(list(addr, Some(pki.client(ca, Some(client)))))
-            .unwrap_or_else(|e| panic!("{ca}/{client}: {e}"));
+    // The files each process reads, where a mounted Secret would put them.
+    let live = tmp.path().join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    let f = |n: &str| live.join(n);
+    for (src, dst) in [
+        ("server1.pem", "agent.crt"),
+        ("server1.key", "agent.key"),
+        ("ca1.pem", "agent-ca.crt"),
+        ("client1.pem", "ctl.crt"),
+        ("client1.key", "ctl.key"),
+        ("ca1.pem", "ctl-ca.crt"),
+    ] {
+        swap(&pki, src, &f(dst));
+    }
+    let path = |n: &str| f(n).display().to_string();
+    let (agent, addr) = agent(
+        &tmp.path().join("agent"),
+        &[
+            "--tls-cert".into(),
+            path("agent.crt"),
+            "--tls-key".into(),
+            path("agent.key"),
+            "--tls-client-ca".into(),
+            path("agent-ca.crt"),
+        ],
+    );
+    let sock = tmp.path().join("csi.sock");
+    let mut ctl = Proc::spawn(
+        &[
+            "csi".into(),
+            "controller".into(),
+            "--endpoint".into(),
+            format!("unix://{}", sock.display()),
+            "--agent".into(),
+            format!("n1=https://{addr}"),
+            "--agent-tls-ca".into(),
+            path("ctl-ca.crt"),
+            "--agent-tls-cert".into(),
+            path("ctl.crt"),
+            "--agent-tls-key".into(),
+            path("ctl.key"),
+        ],
+        tmp.path().join("controller.log"),
+    );
+    ctl.wait_for_socket(&sock);
+    let ch = Endpoint::from_shared(format!("unix://{}", sock.display()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = ControllerClient::new(ch);
+    let src = c
+        .create_volume(csi::CreateVolumeRequest {
+            name: "src".into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 1 << 20,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![csi::VolumeCapability {
+                access_type: Some(csi::volume_capability::AccessType::Block(
+                    csi::volume_capability::BlockVolume {},
+                )),
+                access_mode: Some(csi::volume_capability::AccessMode {
+                    mode: csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+                }),
+            }],
+            accessibility_requirements: topology("n1"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+
+    // Calls through the controller for the whole rotation; every failure is kept.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let calls = {
+        let (mut c, stop, src) = (c.clone(), stop.clone(), src.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let r = c
+                    .create_snapshot(csi::CreateSnapshotRequest {
+                        source_volume_id: src.clone(),
+                        name: format!("s{i}"),
+                        ..Default::default()
+                    })
+                    .await;
+                match r {
+                    Ok(_) => ok += 1,
+                    Err(s) => failed.push(format!("{s:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failed)
+        })
     };
-    // Before: everything from CA 1.
-    let (a, addr) = agent(&dir, &server_flags(&pki, "server1", "ca1.pem"));
-    call(addr, "ca1.pem", "client1");
-    drop(a);
-    // Step 1: every party trusts both CAs; certificates unchanged.
-    let (a, addr) = agent(&dir, &server_flags(&pki, "server1", "bundle.pem"));
-    call(addr, "bundle.pem", "client1");
-    drop(a);
-    // Step 2: new certificates from CA 2, on each side in any order: old and new clients work.
-    let (a, addr) = agent(&dir, &server_flags(&pki, "server2", "bundle.pem"));
-    call(addr, "bundle.pem", "client1");
-    call(addr, "bundle.pem", "client2");
-    drop(a);
-    // Step 3: CA 1 leaves the bundle; its clients are now refused.
-    let (_a, addr) = agent(&dir, &server_flags(&pki, "server2", "ca2.pem"));
-    call(addr, "ca2.pem", "client2");
+    // After a change: past the reload check, and a fresh connection of our own (which also
+    // makes the agent look at its files).
+    let settle = || async {
+        tokio::time::sleep(flashcopy_csi::tls::RELOAD_CHECK + Duration::from_millis(400)).await;
+    };
+    let direct = |ca: &str, client: &str| {
+        let t = pki.client(ca, Some(client));
+        async move { list(addr, Some(t)).await }
+    };
+    settle().await;
+    assert!(direct("ca1.pem", "client1").await.is_ok());
+
+    // Step 1: every party trusts both CAs.
+    swap(&pki, "bundle.pem", &f("agent-ca.crt"));
+    swap(&pki, "bundle.pem", &f("ctl-ca.crt"));
+    settle().await;
     assert!(
-        rt.block_on(list(addr, Some(pki.client("ca2.pem", Some("client1")))))
-            .is_err()
+        direct("ca1.pem", "client2").await.is_ok(),
+        "the agent accepts CA 2's clients"
     );
-    // A client that trusts only CA 1 refuses the new agent certificate.
+
+    // A broken set (the new certificate with the old key) is refused; the old one stays.
+    swap(&pki, "server2.pem", &f("agent.crt"));
+    settle().await;
+    assert!(direct("ca1.pem", "client1").await.is_ok());
+    agent.wait_log("still using the previous ones", 1);
+
+    // Step 2: certificates of CA 2 everywhere.
+    swap(&pki, "server2.key", &f("agent.key"));
+    swap(&pki, "client2.pem", &f("ctl.crt"));
+    swap(&pki, "client2.key", &f("ctl.key"));
+    settle().await;
     assert!(
-        rt.block_on(list(addr, Some(pki.client("ca1.pem", Some("client2")))))
-            .is_err()
+        direct("ca2.pem", "client2").await.is_ok(),
+        "the agent presents CA 2's certificate"
     );
+    assert!(direct("ca1.pem", "client2").await.is_err());
+
+    // Step 3: CA 1 leaves the bundles.
+    swap(&pki, "ca2.pem", &f("agent-ca.crt"));
+    swap(&pki, "ca2.pem", &f("ctl-ca.crt"));
+    settle().await;
+    assert!(
+        direct("ca2.pem", "client1").await.is_err(),
+        "CA 1's clients are refused by the same agent process"
+    );
+    settle().await;
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = calls.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "failed calls during the rotation: {failed:?}"
+    );
+    assert!(ok > 20, "only {ok} calls ran");
+    // The controller reconnected with each new set (its log says so three times), and its calls
+    // after step 3 are made with CA 2's certificate (the agent no longer accepts CA 1's).
+    ctl.wait_log("agent client TLS certificates reloaded", 3);
+    c.create_snapshot(csi::CreateSnapshotRequest {
+        source_volume_id: src,
+        name: "after".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    agent.wait_log("TLS certificates reloaded", 3);
+    for log in [agent.log(), ctl.log()] {
+        assert!(!log.contains("PRIVATE KEY"));
+    }
+    println!("{ok} CreateSnapshot calls through the controller during the rotation, none failed");
 }
 
 fn topology(node: &str) -> Option<csi::TopologyRequirement> {
@@ -622,4 +797,41 @@ async fn csi_controller_reaches_agents_over_tls_and_createsnapshot_cost() {
         );
     }
     assert!(!ctl.log().contains("PRIVATE KEY"));
+}
+
+/// A flood of idle connections from one address (they never start a handshake) is cut at the
+/// per-address limit: the excess is closed at once, and a client from another address is
+/// served while the flood holds its connections open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_connections_from_one_address_does_not_lock_others_out() {
+    use tokio::io::AsyncReadExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(tmp.path());
+    let (agent, addr) = agent(
+        &tmp.path().join("agent"),
+        &server_flags(&pki, "server1", "ca1.pem"),
+    );
+    // More than the agent's whole handshake budget, all from 127.0.0.2.
+    let n = flashcopy_csi::tls::MAX_PENDING_HANDSHAKES + 44;
+    let mut flood = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        flood.push(s.connect(addr).await.unwrap());
+    }
+    // The client from 127.0.0.1 is served while every flood connection is still open.
+    assert_eq!(
+        list(addr, Some(pki.client("ca1.pem", Some("client1")))).await,
+        Ok(vec![])
+    );
+    // All but the per-address budget were closed by the agent without waiting for a timeout.
+    let mut closed = 0;
+    for s in &mut flood {
+        let mut b = [0u8; 1];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(50), s.read(&mut b)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, n - flashcopy_csi::tls::MAX_PENDING_PER_ADDRESS);
+    agent.wait_log("too many TLS handshakes pending", 1);
 }

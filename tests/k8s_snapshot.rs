@@ -246,8 +246,39 @@ fn ready_snapshot_expectations() -> Vec<Step> {
     ]
 }
 
+/// Every log line of the code under test (this test's thread), at trace level, kept in memory.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+/// The secret class's Secret holds `s3cr3t` (base64 `czNjcjN0`): the controller reads it from
+/// the API server and hands it to the driver, and no log line carries it, at any level.
 #[tokio::test]
 async fn dynamic_snapshot_default_class_secrets_and_status() {
+    let logs = Captured::default();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(logs.clone())
+            .finish(),
+    );
     let driver = FakeDriver::default();
     let mut steps = vec![Rounds(10)];
     steps.extend(ready_snapshot_expectations());
@@ -274,6 +305,17 @@ async fn dynamic_snapshot_default_class_secrets_and_status() {
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
     assert_eq!(st.params_seen[0], want);
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        text.contains("kube_client") && text.lines().count() > 20,
+        "the capture holds too little to prove anything:\n{text}"
+    );
+    for line in text.lines() {
+        assert!(
+            !line.contains("s3cr3t") && !line.contains("czNjcjN0"),
+            "a secret in the log: {line}"
+        );
+    }
 }
 
 #[tokio::test]

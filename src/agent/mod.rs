@@ -77,9 +77,14 @@ pub struct Config {
     /// overwrite and delete every volume. For tests and isolated networks only.
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_client_ca"])]
     pub insecure_plaintext_tcp: bool,
-    /// Also serve NBD on this TCP address (no TLS, no authentication).
+    /// Also serve NBD on this TCP address. NBD over TCP has no TLS or authentication here:
+    /// anyone who reaches the address reads and writes every export, so it needs
+    /// --insecure-plaintext-nbd too. Node plugins use --nbd-socket.
     #[arg(long, value_name = "ADDR")]
     pub nbd_listen: Option<SocketAddr>,
+    /// Accept the risk of --nbd-listen (tests, benchmarks, isolated networks).
+    #[arg(long, requires = "nbd_listen")]
+    pub insecure_plaintext_nbd: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz); off unless given.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
@@ -103,6 +108,7 @@ impl Config {
             tls_client_ca: None,
             insecure_plaintext_tcp: false,
             nbd_listen: None,
+            insecure_plaintext_nbd: false,
             metrics_listen: None,
             capacity: None,
         }
@@ -117,7 +123,7 @@ impl Config {
 
     /// The TLS settings of the TCP listener: None for no listener or an explicitly plaintext
     /// one; a listener without TLS and without `--insecure-plaintext-tcp` is refused.
-    pub fn tcp_tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, Error> {
+    pub fn tcp_tls(&self) -> Result<Option<Arc<crate::tls::ServerTls>>, Error> {
         let files = (&self.tls_cert, &self.tls_key, &self.tls_client_ca);
         let any = files.0.is_some() || files.1.is_some() || files.2.is_some();
         if any && self.insecure_plaintext_tcp {
@@ -134,7 +140,7 @@ impl Config {
         };
         match files {
             (Some(cert), Some(key), Some(ca)) => {
-                Ok(Some(crate::tls::server_config(cert, key, ca)?))
+                Ok(Some(crate::tls::ServerTls::load(cert, key, ca)?))
             }
             (None, None, None) if self.insecure_plaintext_tcp => {
                 tracing::warn!(addr = %addr, "serving the agent API on TCP WITHOUT TLS or authentication (--insecure-plaintext-tcp): anyone who reaches this address controls every volume");
@@ -148,6 +154,22 @@ impl Config {
             _ => Err(Error::Config(
                 "--tls-cert, --tls-key and --tls-client-ca go together".into(),
             )),
+        }
+    }
+
+    /// Refuses an NBD TCP listener without the explicit flag (it has no authentication).
+    pub fn check_nbd_tcp(&self) -> Result<(), Error> {
+        match self.nbd_listen {
+            Some(addr) if !self.insecure_plaintext_nbd => Err(Error::Config(format!(
+                "--nbd-listen {addr} would let anyone who reaches it read and write every volume \
+                 (NBD over TCP has no authentication here): add --insecure-plaintext-nbd to \
+                 accept that risk, or use the NBD Unix socket"
+            ))),
+            Some(addr) => {
+                tracing::warn!(addr = %addr, "serving NBD on TCP WITHOUT authentication (--insecure-plaintext-nbd): anyone who reaches this address reads and writes every export");
+                Ok(())
+            }
+            None => Ok(()),
         }
     }
 
@@ -260,6 +282,7 @@ async fn run_on(
 ) -> Result<(), Error> {
     // Before anything is bound: a bad or missing TLS setup must not leave a half-started agent.
     let tcp_tls = cfg.tcp_tls()?;
+    cfg.check_nbd_tcp()?;
     let dir = cfg.data_dir.clone();
     std::fs::create_dir_all(&dir).map_err(io_err("creating the data directory", dir.display()))?;
     let (agent_path, nbd_path) = (cfg.agent_socket(), cfg.nbd_socket_path());

@@ -8,10 +8,11 @@
 use super::ids::valid_node;
 use super::status::CsiError;
 use crate::proto::agent::v1::agent_client::AgentClient;
+use crate::tls::ClientTls;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
-use tonic::transport::{Channel, ClientTlsConfig};
+use tonic::transport::Channel;
 
 /// The routing table from node names to agent clients.
 #[derive(Debug, Default)]
@@ -20,7 +21,7 @@ pub struct Agents {
     template: Option<String>,
     discovered: Mutex<BTreeSet<String>>,
     channels: Mutex<HashMap<String, Channel>>,
-    tls: Option<ClientTlsConfig>,
+    tls: Option<ClientTls>,
 }
 
 /// Parses `NODE=URL`.
@@ -67,7 +68,7 @@ impl Agents {
     }
 
     /// Uses `tls` (client certificate and agent CA) for `https://` agents.
-    pub fn with_tls(mut self, tls: Option<ClientTlsConfig>) -> Self {
+    pub fn with_tls(mut self, tls: Option<ClientTls>) -> Self {
         self.tls = tls;
         self
     }
@@ -103,13 +104,19 @@ impl Agents {
     /// A client for the agent of `node`; NOT_FOUND when no agent serves that node.
     pub fn client(&self, node: &str) -> Result<AgentClient<Channel>, CsiError> {
         let mut ch = self.channels.lock();
+        if self.tls.as_ref().is_some_and(ClientTls::refresh) {
+            // Rotated certificates: new connections must present them (calls in flight keep
+            // their channel until they finish).
+            ch.clear();
+        }
         if let Some(c) = ch.get(node) {
             return Ok(AgentClient::new(c.clone()));
         }
         let url = self
             .url(node)
             .ok_or_else(|| CsiError::NotFound(format!("no agent serves node {node:?}")))?;
-        let channel = crate::tls::endpoint(&url, self.tls.as_ref())
+        let tls = self.tls.as_ref().map(ClientTls::config);
+        let channel = crate::tls::endpoint(&url, tls.as_ref())
             .map_err(|why| CsiError::Unavailable {
                 node: node.into(),
                 why,

@@ -128,7 +128,7 @@ impl ControllerConfig {
     pub fn service(&self) -> Result<ControllerService, ServeError> {
         let tls = self
             .agent_tls
-            .load()
+            .reloading()
             .map_err(|e| ServeError::Config(e.to_string()))?;
         let https = self
             .agents

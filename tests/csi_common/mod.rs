@@ -30,16 +30,24 @@ pub struct Standalone {
 
 impl Standalone {
     pub fn start() -> Self {
+        Self::start_logging(None)
+    }
+
+    /// As [`Self::start`]; with `Some(file)`, every log line (RUST_LOG=trace) goes to that file.
+    pub fn start_logging(log: Option<&Path>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_flashcopy-csi"))
-            .arg("standalone")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flashcopy-csi"));
+        cmd.arg("standalone")
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .arg("--node-id")
             .arg(NODE)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stdout(Stdio::null());
+        if let Some(log) = log {
+            cmd.env("RUST_LOG", "trace")
+                .stderr(std::fs::File::create(log).unwrap());
+        }
+        let child = cmd.spawn().unwrap();
         let mut s = Self { dir, child };
         let t0 = Instant::now();
         while std::os::unix::net::UnixStream::connect(s.socket()).is_err() {
