@@ -1,7 +1,6 @@
 //! Command line (clap derive). `main.rs` parses and dispatches; the work lives in the library.
 
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
 
 /// flashcopy-csi: IBM FlashCopy-style snapshots for Kubernetes volumes on any Linux node.
 #[derive(Debug, Parser)]
@@ -15,25 +14,6 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Walk through FlashCopy on a local data directory: two volumes, a snapshot, a consistency
-    /// group snapshot, a restore by background copy, each verified byte for byte.
-    Demo {
-        /// Where volumes and metadata live (created if missing).
-        #[arg(long, default_value = "./flashcopy-demo")]
-        data_dir: PathBuf,
-        /// Volume size in MiB.
-        #[arg(long, default_value_t = 64)]
-        size_mib: u64,
-    },
-    /// List the volumes, mappings and consistency groups of a data directory (`lsfcmap`-style).
-    Ls {
-        /// The data directory.
-        #[arg(long)]
-        data_dir: PathBuf,
-        /// Output format.
-        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-    },
     /// Run the node agent: the pool's volumes as NBD exports and the agent API on Unix sockets
     /// (DIR/agent.sock, DIR/nbd.sock), background copy and cleaning; stops on SIGTERM/SIGINT.
     Agent(crate::agent::Config),
@@ -66,13 +46,4 @@ pub enum CsiCommand {
     /// Serve CSI Identity and Node on a Unix socket: attach the local agent's NBD exports,
     /// format blank devices, mount and bind-mount; stops on SIGTERM/SIGINT.
     Node(crate::csi::node::NodeConfig),
-}
-
-/// Listing formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Output {
-    /// Aligned columns.
-    Table,
-    /// JSON lines.
-    Json,
 }

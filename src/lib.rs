@@ -22,7 +22,6 @@
 pub mod agent;
 pub mod cli;
 pub mod csi;
-pub mod demo;
 pub mod engine;
 pub mod fc;
 pub mod k8s;

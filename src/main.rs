@@ -29,10 +29,6 @@ fn main() -> anyhow::Result<ExitCode> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Demo { data_dir, size_mib } => {
-            flashcopy_csi::demo::run(&data_dir, size_mib << 20)?
-        }
-        Command::Ls { data_dir, output } => flashcopy_csi::demo::ls(&data_dir, output)?,
         Command::Agent(cfg) => flashcopy_csi::agent::main(cfg)?,
         Command::Fc(args) => return Ok(flashcopy_csi::fc::main(args)),
         Command::Csi(CsiCommand::Controller(cfg)) => flashcopy_csi::csi::controller_main(cfg)?,

@@ -8,11 +8,11 @@
 
 pub mod output;
 
-use crate::cli::Output;
 use crate::proto::agent::v1 as pb;
 use crate::proto::agent::v1::agent_client::AgentClient;
 use clap::{Subcommand, ValueEnum};
 use output as out;
+use output::Output;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;

@@ -528,3 +528,12 @@ mod tests {
         assert_eq!(t, "id name\n1  a\n10 bb\n");
     }
 }
+
+/// Listing formats (`fc -o`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns.
+    Table,
+    /// JSON.
+    Json,
+}
