@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "flashcopy-csi"
 OUR_CRDS = CHART / "crds" / "flashcopy.csi.io_crds.yaml"
 UPSTREAM_CRDS = CHART / "charts" / "snapshot-crds" / "crds"
+# The SnapshotMetadataService CRD, exactly as kubernetes-csi/external-snapshot-metadata ships it.
+SMS_CRDS = CHART / "charts" / "snapshot-metadata-crd" / "crds"
 MANIFESTS = ROOT / "manifests"
 EXAMPLES = ROOT / "examples"
 RELEASE = "flashcopy-csi"
@@ -44,9 +46,15 @@ KUBE_VERSIONS = ["1.30.0", kubernetes_validate.utils.latest_version()]
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "sidecar-mode": {"snapshotController": {"mode": "sidecar"}},
-    "no-upstream-crds": {"snapshotCRDs": {"install": False}},
+    "no-upstream-crds": {"snapshotCRDs": {"install": False}, "snapshotMetadata": {"installCRD": False}},
+    "plaintext-no-cbt": {
+        "node": {"agent": {"insecurePlaintext": True}},
+        "snapshotMetadata": {"enabled": False},
+    },
+    "tls-no-cbt": {"snapshotMetadata": {"enabled": False}},
+    "plaintext-cbt": {"node": {"agent": {"insecurePlaintext": True}}},
     "custom": {
-        "controller": {"replicas": 2, "agentTemplate": "http://{node}.agents.example:7000"},
+        "controller": {"replicas": 2, "agentTemplate": "https://{node}.agents.example:7000"},
         "node": {
             "hostNetwork": False,
             "kubeletDir": "/var/snap/microk8s/common/var/lib/kubelet/",
@@ -60,6 +68,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "volumeSnapshotClass": {"create": False},
         "imagePullSecrets": [{"name": "regcred"}],
         "image": {"repository": "registry.example/flashcopy-csi", "tag": "dev"},
+        "snapshotMetadata": {"servicePort": 443, "grpcPort": 7443, "httpPort": 7080, "audience": "backup"},
+        "tls": {"caDays": 365, "leafDays": 90, "renewDays": 10},
     },
 }
 
@@ -74,6 +84,9 @@ BAD_VALUES: dict[str, dict[str, Any]] = {
     "unknown update strategy": {"node": {"updateStrategy": {"type": "Recreate"}}},
     "bad deletion policy": {"volumeSnapshotClass": {"deletionPolicy": "Keep"}},
     "image reference with a space": {"sidecars": {"provisioner": {"image": "csi provisioner"}}},
+    "unknown snapshotMetadata key": {"snapshotMetadata": {"enable": True}},
+    "empty audience": {"snapshotMetadata": {"audience": ""}},
+    "leaf certificates of zero days": {"tls": {"leafDays": 0}},
 }
 
 
@@ -392,9 +405,14 @@ def check_driver(objs: list[dict[str, Any]], values: dict[str, Any], where: str,
     ctl = container(objs, "Deployment", "csi-controller")
     template = arg_after(ctl, "--agent-template")
     fail.check("{node}" in template, where, f"agent template {template!r} lacks {{node}}")
+    fail.check(
+        plaintext or not template.startswith("http://"),
+        where,
+        f"controller reaches TLS agents in plaintext ({template})",
+    )
     if values["node"]["hostNetwork"] and not values["controller"]["agentTemplate"]:
         fail.check(
-            template == f"http://{{node}}:{agent_port}",
+            template == f"{'http' if plaintext else 'https'}://{{node}}:{agent_port}",
             where,
             f"controller reaches agents at {template}, agents listen on {listen}",
         )
@@ -448,13 +466,194 @@ def check_driver(objs: list[dict[str, Any]], values: dict[str, Any], where: str,
 
 
 # ---------------------------------------------------------------------------------------------
+# TLS: every listener, every key
+
+
+def carried_secrets(volume: dict[str, Any]) -> set[str]:
+    """Secrets whose private key (tls.key) a volume puts into a container: a secret volume
+    (all keys, or items naming tls.key) or a projected secret source likewise."""
+    def with_key(src: dict[str, Any]) -> bool:
+        items = src.get("items")
+        return items is None or any(i["key"] == "tls.key" for i in items)
+
+    out = set()
+    if "secret" in volume and with_key(volume["secret"]):
+        out.add(volume["secret"]["secretName"])
+    for src in volume.get("projected", {}).get("sources", []):
+        if "secret" in src and with_key(src["secret"]):
+            out.add(src["secret"]["name"])
+    return out
+
+
+def check_tls(objs: list[dict[str, Any]], values: dict[str, Any], where: str, fail: Failures) -> None:
+    """Every listener of the rendered chart is TLS, or a health/metrics endpoint, or the agent
+    API explicitly plaintext; every Secret with a key of `certs ensure` is mounted into the
+    containers that use it and nowhere else (the CA nowhere); files named in args are there."""
+    agent_tls = not values["node"]["agent"]["insecurePlaintext"]
+    sm = values["snapshotMetadata"]
+    ctl_pod = next(o for o in objs if o["kind"] == "Deployment")
+    init = {c["name"]: c for c in pod_spec(ctl_pod).get("initContainers", [])}.get("certs")
+    if not agent_tls and not sm["enabled"]:
+        fail.check(init is None, where, "certs init container without any TLS to make")
+        return
+    if init is None:
+        fail.add(where, "TLS is on but the controller pod has no certs init container")
+        return
+    fail.check(init["args"][:2] == ["certs", "ensure"], where, "certs init container args")
+    names = {
+        "ca": arg_after(init, "--ca-secret"),
+        "agent": arg_after(init, "--agent-secret"),
+        "controller": arg_after(init, "--controller-secret"),
+        "snapshot-metadata": arg_after(init, "--snapshot-metadata-secret"),
+    }
+    fail.check(bool(names["ca"]), where, "certs ensure without --ca-secret")
+    fail.check(
+        bool(names["agent"]) == agent_tls and bool(names["controller"]) == agent_tls,
+        where,
+        "agent/controller Secrets made although the agent API is plaintext (or not made)",
+    )
+    fail.check(
+        bool(names["snapshot-metadata"]) == sm["enabled"], where, "snapshot-metadata Secret"
+    )
+    # (secret, pod kind, container) that may hold the key; the CA is for nobody.
+    intended = {
+        (names["agent"], "DaemonSet", "agent"),
+        (names["controller"], "Deployment", "csi-controller"),
+        (names["snapshot-metadata"], "Deployment", "csi-snapshot-metadata"),
+    }
+    ours = {n for n in names.values() if n}
+    mounted: dict[tuple[str, str, str], str] = {}  # -> mountPath
+    for o in objs:
+        spec = pod_spec(o)
+        if spec is None:
+            continue
+        vols = {v["name"]: carried_secrets(v) for v in spec.get("volumes", [])}
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            for m in c.get("volumeMounts", []):
+                for secret in vols.get(m["name"], set()) & ours:
+                    key = (secret, o["kind"], c["name"])
+                    fail.check(
+                        key in intended,
+                        where,
+                        f"{o['kind']}/{c['name']} mounts the keys of Secret {secret}",
+                    )
+                    mounted[key] = m["mountPath"]
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef", {}).get("name")
+                fail.check(ref not in ours, where, f"{c['name']} takes Secret {ref} as env")
+            for e in c.get("envFrom", []):
+                ref = e.get("secretRef", {}).get("name")
+                fail.check(ref not in ours, where, f"{c['name']} takes Secret {ref} as env")
+
+    def files_in(kind: str, cname: str, secret: str | None, flags: list[str]) -> None:
+        c = container(objs, kind, cname)
+        base = mounted.get((secret, kind, cname)) if secret else None
+        if c is None or base is None:
+            fail.add(where, f"{kind}/{cname} does not mount its Secret {secret}")
+            return
+        for f in flags:
+            path = arg_after(c, f)
+            fail.check(
+                path is not None and path.startswith(base.rstrip("/") + "/"),
+                where,
+                f"{cname} {f} {path} is not in its Secret's mount {base}",
+            )
+
+    if agent_tls:
+        files_in("DaemonSet", "agent", names["agent"], ["--tls-cert", "--tls-key", "--tls-client-ca"])
+        files_in(
+            "Deployment", "csi-controller", names["controller"],
+            ["--agent-tls-ca", "--agent-tls-cert", "--agent-tls-key"],
+        )
+    if sm["enabled"]:
+        files_in("Deployment", "csi-snapshot-metadata", names["snapshot-metadata"], ["--tls-cert", "--tls-key"])
+        side = container(objs, "Deployment", "csi-snapshot-metadata")
+        ctl = container(objs, "Deployment", "csi-controller")
+        fail.check(
+            side is not None and ctl is not None
+            and "unix://" + (arg_after(side, "--csi-address") or "") == arg_after(ctl, "--endpoint"),
+            where,
+            "csi-snapshot-metadata does not use the CSI controller's socket",
+        )
+        # What the sidecar does with the API (upstream snapshot-metadata-cluster-role.yaml).
+        rules = rules_of(objs, f"{RELEASE}-snapshot-metadata")
+        need = {
+            ("authentication.k8s.io", "tokenreviews", "create"),
+            ("authorization.k8s.io", "subjectaccessreviews", "create"),
+            ("cbt.storage.k8s.io", "snapshotmetadataservices", "get"),
+            ("snapshot.storage.k8s.io", "volumesnapshots", "get"),
+            ("snapshot.storage.k8s.io", "volumesnapshotcontents", "get"),
+        }
+        fail.check(need <= rules, where, f"the sidecar's ClusterRole lacks {sorted(need - rules)}")
+        fail.check(
+            not any(v in ("update", "patch", "delete") for _, _, v in rules),
+            where,
+            "the sidecar's ClusterRole may write",
+        )
+
+    # Listeners: every declared port is classified.
+    for o in objs:
+        spec = pod_spec(o)
+        if spec is None:
+            continue
+        health: set[int] = set()
+        tls: dict[str, int] = {}
+        plaintext_api: set[int] = set()
+        for c in spec["containers"]:
+            for a in c.get("args", []):
+                m = re.match(r"--http-endpoint=:(\d+)$", a)
+                if m:
+                    health.add(int(m.group(1)))
+            metrics = arg_after(c, "--metrics-listen")
+            if metrics:
+                health.add(int(metrics.rsplit(":", 1)[1]))
+            listen = arg_after(c, "--listen")
+            if listen and c["name"] == "agent":
+                port = int(listen.rsplit(":", 1)[1])
+                if "--insecure-plaintext-tcp" in c["args"]:
+                    plaintext_api.add(port)
+                elif all(f in c["args"] for f in ("--tls-cert", "--tls-key", "--tls-client-ca")):
+                    tls[c["name"]] = port
+            if c["name"] == "csi-snapshot-metadata":
+                port = int(arg_after(c, "--port") or 50051)
+                if arg_after(c, "--tls-cert") and arg_after(c, "--tls-key"):
+                    tls[c["name"]] = port
+        ports = {}
+        for c in spec["containers"]:
+            for p in c.get("ports", []):
+                n = p["containerPort"]
+                ports[p.get("name")] = n
+                fail.check(
+                    n in health or n in tls.values() or n in plaintext_api,
+                    where,
+                    f"{o['kind']}/{c['name']} listens on {n}: neither TLS, nor a health or "
+                    "metrics endpoint, nor the explicitly plaintext agent API",
+                )
+        for svc in objs:
+            if svc["kind"] != "Service":
+                continue
+            sel = svc["spec"].get("selector", {})
+            labels = o["spec"]["template"]["metadata"].get("labels", {})
+            if not sel or not all(labels.get(k) == v for k, v in sel.items()):
+                continue
+            for sp in svc["spec"]["ports"]:
+                target = sp.get("targetPort", sp["port"])
+                n = ports.get(target) if isinstance(target, str) else target
+                fail.check(
+                    n in tls.values(),
+                    where,
+                    f"Service {svc['metadata']['name']} port {sp['port']} reaches {target}, not a TLS listener",
+                )
+
+
+# ---------------------------------------------------------------------------------------------
 # Rendering
 
 
 KIND_ORDER = [
     "Namespace", "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
     "Role", "RoleBinding", "CSIDriver", "StorageClass", "VolumeSnapshotClass",
-    "VolumeGroupSnapshotClass", "DaemonSet", "Deployment",
+    "VolumeGroupSnapshotClass", "Service", "DaemonSet", "Deployment",
 ]
 
 
@@ -480,6 +679,10 @@ def upstream_crd_texts() -> list[tuple[str, str]]:
     return [(p.name, p.read_text()) for p in sorted(UPSTREAM_CRDS.glob("*.yaml"))]
 
 
+def sms_crd_texts() -> list[tuple[str, str]]:
+    return [(p.name, p.read_text()) for p in sorted(SMS_CRDS.glob("*.yaml"))]
+
+
 HEADER = (
     "# Generated by ci/chart.py --write from charts/flashcopy-csi ({what}).\n"
     "# Do not edit: change the chart and regenerate; CI fails when this file differs.\n"
@@ -502,8 +705,12 @@ def generated_manifests(chart: helm_python.Chart) -> dict[str, str]:
     upstream = [HEADER.format(what="charts/snapshot-crds/crds, external-snapshotter v8.6.0")]
     for name, text in upstream_crd_texts():
         upstream.append(f"# Source: {name}\n" + text.strip("\n"))
+    sms = [HEADER.format(what="charts/snapshot-metadata-crd/crds, external-snapshot-metadata v1.1.0")]
+    for name, text in sms_crd_texts():
+        sms.append(f"# Source: {name}\n" + text.strip("\n"))
     return {
         "flashcopy-csi.yaml": "\n".join(parts) + "\n",
+        "crds/snapshot-metadata-crd.yaml": "\n".join(sms) + "\n",
         "crds/flashcopy.csi.io_crds.yaml": HEADER.format(what="crds/")
         + OUR_CRDS.read_text(),
         "crds/snapshot-crds.yaml": "\n".join(upstream) + "\n",
@@ -542,7 +749,7 @@ def lint_and_schema(fail: Failures) -> None:
 
 def all_crds() -> list[dict[str, Any]]:
     crds = load_docs(OUR_CRDS.read_text())
-    for _, text in upstream_crd_texts():
+    for _, text in upstream_crd_texts() + sms_crd_texts():
         crds += load_docs(text)
     return crds
 
@@ -579,7 +786,7 @@ def validate_variants(fail: Failures, binary: Path | None) -> None:
         objs = [yaml.safe_load(text) for _, text in docs]
         for (path, _), obj in zip(docs, objs):
             validate_object(obj, index, f"[{name}] {path}", fail)
-            if obj["kind"] in ("Role", "RoleBinding", "ServiceAccount", "Deployment", "DaemonSet"):
+            if obj["kind"] in ("Role", "RoleBinding", "ServiceAccount", "Service", "Deployment", "DaemonSet"):
                 fail.check(
                     obj["metadata"].get("namespace") == NAMESPACE,
                     f"[{name}] {path}",
@@ -588,6 +795,7 @@ def validate_variants(fail: Failures, binary: Path | None) -> None:
         check_pods(objs, f"[{name}]", fail)
         check_rbac(objs, f"[{name}]", fail)
         check_driver(objs, merged, f"[{name}]", fail)
+        check_tls(objs, merged, f"[{name}]", fail)
         check_our_args(objs, merged, binary, f"[{name}]", fail)
         kinds = sorted({o["kind"] for o in objs})
         print(f"{len(objs)} objects: {', '.join(kinds)}")
@@ -617,6 +825,7 @@ def self_test(fail: Failures, binary: Path | None) -> None:
         check_pods(objs, "self-test", quiet)
         check_rbac(objs, "self-test", quiet)
         check_driver(objs, deep_merge(defaults, values), "self-test", quiet)
+        check_tls(objs, deep_merge(defaults, values), "self-test", quiet)
         check_our_args(objs, deep_merge(defaults, values), binary, "self-test", quiet)
         return quiet
 
@@ -642,7 +851,41 @@ def self_test(fail: Failures, binary: Path | None) -> None:
         ("agent API in plaintext without the value saying so", {"node": {"agent": {"insecurePlaintext": False}}},
          lambda o: ds_container(o, "agent")["args"].append("--insecure-plaintext-tcp")),
         ("agent API neither TLS nor explicitly plaintext", {}, lambda o: ds_container(o, "agent")[
-            "args"].remove("--insecure-plaintext-tcp")),
+            "args"].__setitem__(slice(None), [a for a in ds_container(o, "agent")["args"]
+                                              if a != "--tls-client-ca"])),
+        ("the agent's key mounted into csi-node", {}, lambda o: ds_container(o, "csi-node")[
+            "volumeMounts"].append({"name": "agent-tls", "mountPath": "/etc/flashcopy-csi/tls"})),
+        ("the agent's key as a projected volume of kube-sync", {}, lambda o: (
+            pod_spec(find(o, "DaemonSet"))["volumes"].append({"name": "sneaky", "projected": {
+                "sources": [{"secret": {"name": f"{RELEASE}-agent-tls"}}]}}),
+            ds_container(o, "kube-sync")["volumeMounts"].append({"name": "sneaky", "mountPath": "/x"}))),
+        ("the CA Secret mounted anywhere", {}, lambda o: (
+            pod_spec(find(o, "Deployment"))["volumes"].append(
+                {"name": "ca", "secret": {"secretName": f"{RELEASE}-ca"}}),
+            container(o, "Deployment", "csi-controller")["volumeMounts"].append(
+                {"name": "ca", "mountPath": "/ca"}))),
+        ("the controller's key in the provisioner", {}, lambda o: container(
+            o, "Deployment", "csi-provisioner")["volumeMounts"].append(
+                {"name": "controller-tls", "mountPath": "/tls"})),
+        ("controller reaching TLS agents over http://", {}, lambda o: container(
+            o, "Deployment", "csi-controller")["args"].__setitem__(
+                container(o, "Deployment", "csi-controller")["args"].index("--agent-template") + 1,
+                "http://{node}:9810")),
+        ("agent key file outside its Secret's mount", {}, lambda o: ds_container(o, "agent")["args"].__setitem__(
+            ds_container(o, "agent")["args"].index("--tls-key") + 1, "/var/lib/flashcopy-csi/key.pem")),
+        ("snapshot-metadata sidecar without TLS", {}, lambda o: container(
+            o, "Deployment", "csi-snapshot-metadata")["args"].__setitem__(slice(None), [
+                a for a in container(o, "Deployment", "csi-snapshot-metadata")["args"]
+                if not a.startswith("--tls-")])),
+        ("an undeclared plaintext listener", {}, lambda o: container(
+            o, "Deployment", "snapshot-controller").setdefault("ports", []).append(
+                {"name": "debug", "containerPort": 6060, "protocol": "TCP"})),
+        ("Service onto the health port", {}, lambda o: find(o, "Service")["spec"]["ports"][0].update(
+            targetPort="sm-http")),
+        ("snapshot-metadata sidecar without TokenReview", {}, lambda o: find(
+            o, "ClusterRole", f"{RELEASE}-snapshot-metadata")["rules"].pop(1)),
+        ("TLS on but no certs init container", {}, lambda o: pod_spec(find(o, "Deployment")).pop(
+            "initContainers")),
         *([("agent flag the binary does not know", {}, lambda o: ds_container(o, "agent")[
             "args"].append("--verbose"))] if binary else []),
         ("binding to a missing role", {}, lambda o: find(o, "RoleBinding")["roleRef"].update(name="missing")),
@@ -730,18 +973,45 @@ def validate_examples(fail: Failures) -> None:
                 if claim:
                     fail.check(claim in pvcs, kn, f"uses unknown PVC {claim}")
     check_pods([o for _, o in objs], "examples", fail)
+    # The backup client of snapshot metadata: its binding names an example ServiceAccount and
+    # role, and the role grants what a client of the sidecar needs (upstream client runner).
+    roles = {o["metadata"]["name"]: o for _, o in objs if o["kind"] == "ClusterRole"}
+    accounts = {o["metadata"]["name"] for _, o in objs if o["kind"] == "ServiceAccount"}
+    bindings = [(f, o) for f, o in objs if o["kind"] == "ClusterRoleBinding"]
+    fail.check(bool(bindings), "examples", "no backup client ClusterRoleBinding")
+    need = {
+        ("cbt.storage.k8s.io", "snapshotmetadataservices", "get"),
+        ("snapshot.storage.k8s.io", "volumesnapshots", "get"),
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents", "get"),
+        ("", "serviceaccounts/token", "create"),
+    }
+    for f, b in bindings:
+        kn = f"examples/{f} ClusterRoleBinding/{b['metadata']['name']}"
+        role = roles.get(b["roleRef"]["name"])
+        fail.check(role is not None, kn, f"roleRef {b['roleRef']['name']} is not in examples/")
+        for sub in b["subjects"]:
+            fail.check(sub["name"] in accounts, kn, f"subject {sub['name']} is not in examples/")
+        if role is not None:
+            have = {
+                (g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
+                for r in rule["resources"] for v in rule["verbs"]
+            }
+            fail.check(need <= have, kn, f"the client role lacks {sorted(need - have)}")
     print(f"{len(objs)} objects in {len(list(EXAMPLES.glob('*.yaml')))} files")
 
 
 def upstream_unchanged(fail: Failures) -> None:
     """The upstream CRDs are data copied unchanged from external-snapshotter: any edit (or a new
     upstream version dropped in without updating the sums) shows here."""
-    step("upstream snapshot CRDs unchanged (ci/snapshot-crds.sha256)")
+    step("upstream snapshot and snapshot-metadata CRDs unchanged (ci/snapshot-crds.sha256)")
     want = {}
     for line in (ROOT / "ci" / "snapshot-crds.sha256").read_text().splitlines():
         digest, name = line.split()
         want[name] = digest
-    have = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in UPSTREAM_CRDS.glob("*.yaml")}
+    have = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in [*UPSTREAM_CRDS.glob("*.yaml"), *SMS_CRDS.glob("*.yaml")]
+    }
     fail.check(set(have) == set(want), "snapshot-crds", f"files {sorted(have)}, want {sorted(want)}")
     for name in sorted(set(have) & set(want)):
         fail.check(have[name] == want[name], f"snapshot-crds/{name}", "differs from the upstream copy")

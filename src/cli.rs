@@ -33,6 +33,9 @@ pub enum Command {
     /// Mirror a node agent's mappings and consistency groups into FlashCopyMapping /
     /// FlashCopyConsistencyGroup objects (`kubectl get fcmap`), until SIGTERM.
     KubeSync(crate::k8s::sync::SyncConfig),
+    /// The install's mutual-TLS certificates as Secrets (the controller pod's init container).
+    #[command(subcommand)]
+    Certs(crate::k8s::certs::CertsCommand),
     /// Print our CustomResourceDefinitions (FlashCopyMapping, FlashCopyConsistencyGroup) as YAML.
     Crd,
 }

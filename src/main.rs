@@ -15,6 +15,7 @@ fn main() -> anyhow::Result<ExitCode> {
             | Command::Standalone(flashcopy_csi::standalone::Config { demo: false, .. })
             | Command::SnapshotController(_)
             | Command::KubeSync(_)
+            | Command::Certs(_)
     ) {
         "info"
     } else {
@@ -36,6 +37,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Standalone(cfg) => flashcopy_csi::standalone::main(cfg)?,
         Command::SnapshotController(cfg) => flashcopy_csi::k8s::run::main(cfg)?,
         Command::KubeSync(cfg) => flashcopy_csi::k8s::sync::main(cfg)?,
+        Command::Certs(cmd) => flashcopy_csi::k8s::certs::main(cmd)?,
         Command::Crd => print!("{}", flashcopy_csi::k8s::crd::crd_yaml()?),
     }
     Ok(ExitCode::SUCCESS)

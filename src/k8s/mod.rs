@@ -10,11 +10,13 @@
 //! - [`group`]: the same for VolumeGroupSnapshot / VolumeGroupSnapshotContent.
 //! - [`run`]: the `snapshot-controller` process (Controllers, Lease, /metrics, /healthz).
 //! - [`sync`]: the `kube-sync` process, mirroring a node agent into our CRDs.
+//! - [`certs`]: `certs ensure|rotate`, the mutual-TLS certificates of an install as Secrets.
 //!
 //! Reconcilers read objects fresh from the API server and write with the resourceVersion they
 //! read, so a stale cache can only cost a conflict and a retry, never a wrong write.
 
 pub mod api;
+pub mod certs;
 pub mod crd;
 pub mod csi_client;
 pub mod csinodes;

@@ -33,8 +33,21 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/* https (mutual TLS) unless node.agent.insecurePlaintext. */}}
 {{- define "flashcopy-csi.agentTemplate" -}}
-{{- default (printf "http://{node}:%d" (int .Values.node.agent.port)) .Values.controller.agentTemplate }}
+{{- $scheme := ternary "http" "https" .Values.node.agent.insecurePlaintext }}
+{{- default (printf "%s://{node}:%d" $scheme (int .Values.node.agent.port)) .Values.controller.agentTemplate }}
+{{- end }}
+
+{{/* Secrets of `certs ensure` and the sidecar's Service. */}}
+{{- define "flashcopy-csi.caSecret" -}}{{ include "flashcopy-csi.fullname" . }}-ca{{- end }}
+{{- define "flashcopy-csi.agentSecret" -}}{{ include "flashcopy-csi.fullname" . }}-agent-tls{{- end }}
+{{- define "flashcopy-csi.controllerSecret" -}}{{ include "flashcopy-csi.fullname" . }}-controller-tls{{- end }}
+{{- define "flashcopy-csi.snapshotMetadataSecret" -}}{{ include "flashcopy-csi.fullname" . }}-snapshot-metadata-tls{{- end }}
+{{- define "flashcopy-csi.snapshotMetadataService" -}}{{ include "flashcopy-csi.fullname" . }}-snapshot-metadata{{- end }}
+{{/* Whether the controller pod runs `certs ensure`. */}}
+{{- define "flashcopy-csi.certs" -}}
+{{- if or (not .Values.node.agent.insecurePlaintext) .Values.snapshotMetadata.enabled }}true{{ end }}
 {{- end }}
 
 {{/* The kubelet's plugin directory of this driver, where the node plugin's socket lives. */}}
