@@ -25,6 +25,8 @@ pub mod csi;
 pub mod demo;
 pub mod engine;
 pub mod fc;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod k8s;
 pub mod meta;
 pub mod nbd;
