@@ -286,13 +286,47 @@ pub fn csi_params(input: &[u8]) {
     }
 }
 
-/// Text input as an `fc mkvol -size` argument: parsing never panics, and a size it accepts
-/// reads back as the same number of bytes.
+/// Text input as an `fc mkvol -size` argument: parsing never panics, and a size it accepts is
+/// exactly the decimal number times the unit (checked in integers) and reads back as itself.
 pub fn fc_size(input: &[u8]) {
     let Ok(s) = std::str::from_utf8(input) else {
         return;
     };
-    if let Ok(n) = crate::fc::output::parse_size(s) {
-        assert_eq!(crate::fc::output::parse_size(&n.to_string()), Ok(n));
+    let Ok(n) = crate::fc::output::parse_size(s) else {
+        return;
+    };
+    assert_eq!(crate::fc::output::parse_size(&n.to_string()), Ok(n));
+    // The number and the unit as parse_size splits them.
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u128 = match unit.trim().to_ascii_lowercase().chars().next() {
+        None | Some('b') => 1,
+        Some('k') => 1 << 10,
+        Some('m') => 1 << 20,
+        Some('g') => 1 << 30,
+        Some('t') => 1 << 40,
+        Some(c) => panic!("{s:?} accepted with unit {c:?}"),
+    };
+    // n * 10^k == DIGITS * mult, where DIGITS is the number without its point.
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    let frac = frac.trim_end_matches('0');
+    let digits = format!("{int}{frac}");
+    let (Ok(digits), Some(scale)) = (
+        digits.trim_start_matches('0').parse::<u128>().or_else(|e| {
+            if digits.bytes().all(|b| b == b'0') {
+                Ok(0)
+            } else {
+                Err(e)
+            }
+        }),
+        10u128.checked_pow(frac.len() as u32),
+    ) else {
+        return; // too many digits to check in 128 bits
+    };
+    if let (Some(lhs), Some(rhs)) = (u128::from(n).checked_mul(scale), digits.checked_mul(mult)) {
+        assert_eq!(lhs, rhs, "{s:?} parsed as {n} bytes");
     }
 }
