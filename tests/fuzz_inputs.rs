@@ -1,17 +1,56 @@
 //! The fuzz targets' inputs in the normal test suite (issue 12): every committed seed under
 //! `fuzz/corpus/TARGET/` and every input that once crashed a target (`fuzz/regressions/TARGET/`)
 //! goes through the same entry point as in `fuzz/` (`flashcopy_csi::fuzzing`), which panics
-//! when a property breaks. `write_seeds` (ignored) regenerates the seeds from the real code.
+//! when a property breaks, and no input may make the process allocate more than
+//! [`MALLOC_LIMIT`] at once (libFuzzer's `-malloc_limit_mb` in `ci/fuzz.sh`), which a counting
+//! allocator checks here. `write_seeds` (ignored) regenerates the seeds from the real code.
+// The counting allocator: implementing GlobalAlloc is unsafe by definition.
+#![allow(unsafe_code)]
 
 use flashcopy_csi::engine::{GrainSize, MappingSpec};
 use flashcopy_csi::fuzzing;
 use flashcopy_csi::meta::MetaFiles;
 use flashcopy_csi::store::{BlockStore, MemStore};
 use flashcopy_csi::volume::{MemBackend, Pool, PoolConfig};
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 type Target = fn(&[u8]);
+
+/// The largest single allocation an input may cause (as `-malloc_limit_mb=1024`).
+const MALLOC_LIMIT: usize = 1 << 30;
+
+/// The system allocator, remembering the largest request it saw.
+struct Counting;
+
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        // SAFETY: forwarded unchanged.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        // SAFETY: forwarded unchanged.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LARGEST.fetch_max(new_size, Ordering::Relaxed);
+        // SAFETY: forwarded unchanged.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded unchanged.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
 
 const TARGETS: [(&str, Target); 7] = [
     ("nbd_handshake", fuzzing::nbd_handshake),
@@ -48,6 +87,12 @@ fn replay(kind: &str, min_per_target: usize) {
             let data = std::fs::read(&path).expect("read input");
             eprintln!("{}", path.display());
             target(&data);
+            let largest = LARGEST.load(Ordering::Relaxed);
+            assert!(
+                largest <= MALLOC_LIMIT,
+                "{}: an allocation of {largest} bytes",
+                path.display()
+            );
         }
     }
 }
