@@ -29,6 +29,9 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # The NBD targets put their server's socket under TMPDIR.
 export TMPDIR=$work
+# No leak check, per input (-detect_leaks=0 below) nor at exit: the NBD server's threads
+# outlive an input and the process (real growth still hits -rss_limit_mb).
+export ASAN_OPTIONS=detect_leaks=0
 
 summary=()
 for t in "${targets[@]}"; do
@@ -36,8 +39,7 @@ for t in "${targets[@]}"; do
   log=$work/$t.log
   # New inputs go to the scratch corpus; the committed seeds are only read.
   # 32 MiB is the largest allocation an input may cause (an NBD write payload); the bitmap
-  # budget of the engine (512 MiB) bounds what journal records can make it allocate. No leak
-  # check: the NBD server's threads outlive an input (growth still hits -rss_limit_mb).
+  # budget of the engine (512 MiB) bounds what journal records can make it allocate.
   if ! cargo fuzz run -O "$t" "$work/$t" "fuzz/corpus/$t" -- \
     -max_total_time="$secs" -timeout=25 -rss_limit_mb=2048 -malloc_limit_mb=1024 \
     -detect_leaks=0 -print_final_stats=1 >"$log" 2>&1; then

@@ -207,7 +207,8 @@ pub fn journal(input: &[u8]) {
                     body = rest;
                     usize::from(u16::from_le_bytes([*a, *b])).min(rest.len())
                 }
-                _ => std::mem::take(&mut body).len(),
+                // A lone last byte is a record of its own.
+                _ => body.len(),
             };
             let (record, rest) = body.split_at(len);
             encode_frame(&mut out, 0, seq, record);
