@@ -24,6 +24,8 @@ pub mod cli;
 pub mod csi;
 pub mod engine;
 pub mod fc;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod k8s;
 pub mod meta;
 pub mod nbd;

@@ -200,9 +200,10 @@ enum Run {
 
 /// Equal words worth a run of their own.
 const MIN_RUN: usize = 4;
-/// Longest bitmap decoded (2^36 grains: 4 EiB of 64 KiB grains), so a damaged length cannot
-/// ask for an absurd allocation.
-const MAX_BITS: u64 = 1 << 36;
+/// Longest bitmap decoded: 2^32 grains (256 TiB of 64 KiB grains), 512 MiB, the whole default
+/// bitmap budget ([`crate::engine::Limits`]), which no mapping can exceed. A damaged length or
+/// run cannot ask for more (2^36 let 17 bytes of a checkpoint allocate 8 GiB; found by fuzzing).
+pub(crate) const MAX_BITS: u64 = 1 << 32;
 
 impl Serialize for Bitmap {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -238,7 +239,8 @@ impl<'de> Deserialize<'de> for Bitmap {
             )));
         }
         let want = len.div_ceil(64) as usize;
-        let mut words = Vec::with_capacity(want);
+        // Grown by the runs actually present, not by what the length claims.
+        let mut words = Vec::new();
         for r in runs {
             let n = match &r {
                 Run::Same(n, _) => *n,
@@ -260,6 +262,7 @@ impl<'de> Deserialize<'de> for Bitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Limits;
 
     #[test]
     fn serialized_as_runs_and_back() {
@@ -296,6 +299,13 @@ mod tests {
         assert!(dec(&huge).is_err());
         let short = bincode::serialize(&(640u64, vec![Run::Same(2, 0)])).unwrap();
         assert!(dec(&short).is_err());
+        // The cap covers the largest bitmap the default budget allows, and nothing beyond.
+        let budget_bits = Limits::default().bitmap_budget_bytes * 8;
+        assert!(MAX_BITS >= budget_bits);
+        // 19 bytes that would fill 512 MiB: refused before anything is allocated.
+        let over_words = (MAX_BITS + 1).div_ceil(64);
+        let over = bincode::serialize(&(MAX_BITS + 1, vec![Run::Same(over_words, 0)])).unwrap();
+        assert!(dec(&over).is_err());
     }
 
     #[test]

@@ -96,18 +96,40 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         }
     };
     let bad = || format!("invalid size {s:?}: use bytes or a unit like 64M, 1G, 1GiB");
-    if num.is_empty() {
+    // Exact decimal arithmetic: a fraction must come to whole bytes ("1.5k"), and binary
+    // floating point would silently round one that does not ("1.00000000000000001G").
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    let frac = frac.trim_end_matches('0');
+    if (int.is_empty() && frac.is_empty()) || frac.contains('.') {
         return Err(bad());
     }
-    if let Ok(n) = num.parse::<u64>() {
-        return n.checked_mul(mult).ok_or_else(bad);
+    let whole: u64 = if int.is_empty() {
+        0
+    } else {
+        int.parse().map_err(|_| bad())?
+    };
+    let mut bytes = whole.checked_mul(mult).ok_or_else(bad)?;
+    if !frac.is_empty() {
+        // digits / 10^k * mult, with mult a power of two: whole only if 5^k divides the
+        // digits and 2^k what is left times mult. k <= 40 for any whole result (mult <= 2^40).
+        let k = u32::try_from(frac.len()).map_err(|_| bad())?;
+        if k > 38 {
+            return Err(bad());
+        }
+        let digits: u128 = frac.parse().map_err(|_| bad())?;
+        let five = 5u128.pow(k);
+        if !digits.is_multiple_of(five) {
+            return Err(bad());
+        }
+        // digits / 5^k < 2^k <= 2^38, times mult <= 2^40: fits.
+        let scaled = digits / five * u128::from(mult);
+        if !scaled.is_multiple_of(1u128 << k) {
+            return Err(bad());
+        }
+        let extra = u64::try_from(scaled >> k).map_err(|_| bad())?;
+        bytes = bytes.checked_add(extra).ok_or_else(bad)?;
     }
-    let f: f64 = num.parse().map_err(|_| bad())?;
-    let bytes = f * mult as f64;
-    if mult == 1 || !bytes.is_finite() || bytes >= u64::MAX as f64 || bytes.fract() != 0.0 {
-        return Err(bad());
-    }
-    Ok(bytes as u64)
+    Ok(bytes)
 }
 
 /// IBM's time format (`YYMMDDHHMMSS`, UTC here) of unix seconds.
@@ -507,6 +529,20 @@ mod tests {
         assert_eq!(parse_size("2 mb"), Ok(2 << 20));
         assert!(parse_size("lots").is_err());
         assert!(parse_size("1.5").is_err());
+        assert_eq!(parse_size("0.25g"), Ok(1 << 28));
+        assert_eq!(parse_size(".5k"), Ok(512));
+        assert_eq!(parse_size("1.50M"), Ok(3 << 19));
+        assert_eq!(
+            parse_size("16777215.999999940395355224609375T"),
+            Ok(u64::MAX - (1 << 16) + 1)
+        );
+        // Not whole bytes, though binary floating point rounds them to whole numbers (the
+        // parser used f64 until fuzzing found it).
+        assert!(parse_size("1.00000000000000001G").is_err());
+        assert_eq!(parse_size("4503599627370496.5k"), Ok((1 << 62) + 512));
+        assert!(parse_size("16777216T").is_err());
+        assert!(parse_size(".").is_err());
+        assert!(parse_size("1.2.3k").is_err());
         assert!(parse_size("").is_err());
         assert_eq!(size(64 << 20), "64.00MiB");
         assert_eq!(size(100), "100B");

@@ -64,7 +64,7 @@
 //! Lengths read from disk are bounded by the file size before anything is allocated; bad bytes
 //! produce errors, never panics.
 
-mod format;
+pub(crate) mod format;
 mod journal;
 #[cfg(test)]
 mod tests;

@@ -217,7 +217,11 @@ impl InfoRequest {
             .ok_or(Malformed("option data is shorter than a name length"))?
             as usize;
         let rest = &data[4..];
-        if name_len > rest.len().saturating_sub(2) {
+        // The name is followed by a 2-byte count of information requests, even when empty.
+        let room = rest.len().checked_sub(2).ok_or(Malformed(
+            "option data has no count of information requests",
+        ))?;
+        if name_len > room {
             return Err(Malformed("export name length exceeds the option data"));
         }
         if name_len > MAX_STRING {
@@ -376,6 +380,11 @@ mod tests {
             let mut d = good.clone();
             d[..4].copy_from_slice(&claimed.to_be_bytes());
             assert!(InfoRequest::parse(&d).is_err(), "claimed {claimed}");
+        }
+        // An empty name without the request count (found by fuzzing: it panicked).
+        for cut in [4, 5] {
+            let e = InfoRequest::parse(&info_data(b"", &[])[..cut]).unwrap_err();
+            assert_eq!(e.0, "option data has no count of information requests");
         }
         assert!(InfoRequest::parse(&info_data(&[0xff, 0xfe], &[])).is_err());
         assert!(InfoRequest::parse(&info_data(b"a\0b", &[])).is_err());

@@ -32,7 +32,7 @@ use crate::engine::{
     Engine, EngineError, Event, GroupId, Limits, MapId, MapState, MappingChange, MappingSpec, Op,
     VolId,
 };
-use crate::meta::{Journal, MetaError, MetaFiles};
+use crate::meta::{Journal, MetaError, MetaFiles, Recovered};
 use crate::store::{BlockStore, StoreError};
 use commit::{Batch, CommitError, Committer};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -166,6 +166,26 @@ impl FrozenGroup {
     }
 }
 
+/// The engine the metadata describes: the checkpoint (or a fresh engine) with the journal's
+/// records replayed. Every byte here comes from disk: a bad one is an error, never a panic.
+pub(crate) fn recover_engine(rec: &Recovered, limits: &Limits) -> Result<Engine, VolumeError> {
+    let mut engine = match &rec.checkpoint {
+        Some(bytes) => bincode::deserialize(bytes).map_err(|e| {
+            VolumeError::Decode(format!("checkpoint generation {}: {e}", rec.generation))
+        })?,
+        None => Engine::new(limits.clone()),
+    };
+    for (i, r) in rec.records.iter().enumerate() {
+        let op: Op = bincode::deserialize(r)
+            .map_err(|e| VolumeError::Decode(format!("journal record {i}: {e}")))?;
+        if let Err(e) = engine.apply(&op) {
+            tracing::warn!(?op, error = %e, "journal op rejected on replay");
+        }
+    }
+    engine.set_limits(limits.clone());
+    Ok(engine)
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -189,20 +209,7 @@ impl Pool {
         cfg: PoolConfig,
     ) -> Result<Self, VolumeError> {
         let (journal, rec) = Journal::open(files)?;
-        let mut engine = match &rec.checkpoint {
-            Some(bytes) => bincode::deserialize(bytes).map_err(|e| {
-                VolumeError::Decode(format!("checkpoint generation {}: {e}", rec.generation))
-            })?,
-            None => Engine::new(cfg.limits.clone()),
-        };
-        for (i, r) in rec.records.iter().enumerate() {
-            let op: Op = bincode::deserialize(r)
-                .map_err(|e| VolumeError::Decode(format!("journal record {i}: {e}")))?;
-            if let Err(e) = engine.apply(&op) {
-                tracing::warn!(?op, error = %e, "journal op rejected on replay");
-            }
-        }
-        engine.set_limits(cfg.limits.clone());
+        let engine = recover_engine(&rec, &cfg.limits)?;
         let mut stores = BTreeMap::new();
         for v in engine.volumes() {
             let s = backend
