@@ -67,7 +67,7 @@ pub(super) fn is_cut(m: &pb::Mapping) -> bool {
 }
 
 /// A cut snapshot is usable while its mapping copies or has copied; a stopped one is not.
-fn ready(m: &pb::Mapping) -> bool {
+pub(super) fn ready(m: &pb::Mapping) -> bool {
     m.start_time.is_some()
         && matches!(
             m.state(),
