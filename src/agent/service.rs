@@ -148,8 +148,14 @@ impl AgentService {
                     Err(e) => Err(Status::from(AgentError::from(e))),
                 };
                 first = false;
+                // A listing cut short by a shutdown must not look complete.
+                let msg = if *shutdown.borrow() {
+                    Err(Status::from(AgentError::ShuttingDown))
+                } else {
+                    msg
+                };
                 let end = msg.is_err();
-                if *shutdown.borrow() || tx.blocking_send(msg).is_err() || end {
+                if tx.blocking_send(msg).is_err() || end {
                     tracing::debug!("extent stream ended");
                     return;
                 }
