@@ -301,6 +301,7 @@ fn identity_names_the_driver_and_its_services() {
     for t in [
         T::ControllerService,
         T::GroupControllerService,
+        T::SnapshotMetadataService,
         T::VolumeAccessibilityConstraints,
     ] {
         assert!(services.contains(&(t as i32)), "{t:?} missing");

@@ -72,6 +72,10 @@ pub struct AgentService {
 
 type RpcResult<T> = Result<Response<T>, Status>;
 
+/// Extents per page of a changed-block listing when the client names none, and at most.
+const DEFAULT_PAGE: usize = 1024;
+const MAX_PAGE: usize = 65_536;
+
 impl AgentService {
     /// A service over `pool`; event streams end when `shutdown` turns true.
     pub fn new(
@@ -105,6 +109,59 @@ impl AgentService {
             .await
             .map_err(|e| AgentError::Internal(format!("request task failed: {e}")))?
             .map_err(Status::from)
+    }
+
+    /// Streams the pages of an extent scan. The channel holds two pages, and the scan stops at
+    /// the first page the client does not take (it went away) or at shutdown, so a client that
+    /// stops reading holds one blocking thread only until it disconnects, and memory of two
+    /// pages and one chunk.
+    fn stream_extents(
+        &self,
+        mut scan: crate::volume::ExtentScan,
+        page_size: u32,
+    ) -> ReceiverStream<Result<pb::ExtentPage, Status>> {
+        let page = match page_size {
+            0 => DEFAULT_PAGE,
+            n => (n as usize).min(MAX_PAGE),
+        };
+        let (tx, rx) = mpsc::channel(2);
+        let pool = self.pool.clone();
+        let shutdown = self.shutdown.clone();
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            let _s = span.enter();
+            let mut first = true;
+            loop {
+                let msg = match pool.next_extents(&mut scan, page) {
+                    Ok(ext) if ext.is_empty() && !first => return,
+                    Ok(ext) => Ok(pb::ExtentPage {
+                        volume_size_bytes: scan.capacity,
+                        grain_bytes: scan.grain,
+                        extents: ext
+                            .into_iter()
+                            .map(|r| pb::Extent {
+                                offset: r.start,
+                                length: r.end - r.start,
+                            })
+                            .collect(),
+                    }),
+                    Err(e) => Err(Status::from(AgentError::from(e))),
+                };
+                first = false;
+                // A listing cut short by a shutdown must not look complete.
+                let msg = if *shutdown.borrow() {
+                    Err(Status::from(AgentError::ShuttingDown))
+                } else {
+                    msg
+                };
+                let end = msg.is_err();
+                if tx.blocking_send(msg).is_err() || end {
+                    tracing::debug!("extent stream ended");
+                    return;
+                }
+            }
+        });
+        ReceiverStream::new(rx)
     }
 
     /// After a command: publish what it did and let the workers look for new work.
@@ -672,6 +729,43 @@ impl Agent for AgentService {
     }
 
     // ---- events ----
+
+    type GetAllocatedExtentsStream = ReceiverStream<Result<pb::ExtentPage, Status>>;
+    type GetDeltaExtentsStream = ReceiverStream<Result<pb::ExtentPage, Status>>;
+
+    async fn get_allocated_extents(
+        &self,
+        req: Request<pb::GetAllocatedExtentsRequest>,
+    ) -> RpcResult<Self::GetAllocatedExtentsStream> {
+        let r = req.into_inner();
+        let scan = self
+            .blocking(move |pool| {
+                let id = convert::mapping_ref(&pool.engine(), &r.mapping)?;
+                Ok(pool.scan_allocated(id, r.starting_offset)?)
+            })
+            .await?;
+        ok(self.stream_extents(scan, r.page_size))
+    }
+
+    async fn get_delta_extents(
+        &self,
+        req: Request<pb::GetDeltaExtentsRequest>,
+    ) -> RpcResult<Self::GetDeltaExtentsStream> {
+        let r = req.into_inner();
+        let scan = self
+            .blocking(move |pool| {
+                let (base, target) = {
+                    let e = pool.engine();
+                    (
+                        convert::mapping_ref(&e, &r.base_mapping)?,
+                        convert::mapping_ref(&e, &r.target_mapping)?,
+                    )
+                };
+                Ok(pool.scan_delta(base, target, r.starting_offset)?)
+            })
+            .await?;
+        ok(self.stream_extents(scan, r.page_size))
+    }
 
     type WatchEventsStream = ReceiverStream<Result<pb::Event, Status>>;
 

@@ -115,6 +115,10 @@ fn classify_engine(e: &EngineError) -> (Code, &'static str) {
         E::GroupFull(..) => (ResourceExhausted, "GroupFull"),
         E::BitmapBudget { .. } => (ResourceExhausted, "BitmapBudget"),
         E::VolumeOffline { .. } => (Unavailable, "VolumeOffline"),
+        E::NotAPointInTime { .. } => (FailedPrecondition, "NotAPointInTime"),
+        E::DifferentSources { .. } => (InvalidArgument, "DifferentSources"),
+        E::BaseNotOlder { .. } => (InvalidArgument, "BaseNotOlder"),
+        E::OffsetPastEnd { .. } => (OutOfRange, "OffsetPastEnd"),
     }
 }
 

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 /// Which services the process serving this Identity offers.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct IdentityService {
-    /// Controller + GroupController are served on the same endpoint.
+    /// Controller, GroupController and SnapshotMetadata are served on the same endpoint.
     pub controller: bool,
 }
 
@@ -54,6 +54,7 @@ impl Identity for IdentityService {
         if self.controller {
             caps.push(service(ServiceType::ControllerService));
             caps.push(service(ServiceType::GroupControllerService));
+            caps.push(service(ServiceType::SnapshotMetadataService));
             // Offline: an attached volume (NBD, kernel or nbdfuse) keeps the size it was
             // attached with, so a volume grows while no node has it; ControllerExpandVolume
             // says FAILED_PRECONDITION otherwise, which csi-resizer waits out.

@@ -3,6 +3,7 @@
 //! - [`identity`]: plugin name `flashcopy.csi.io`, capabilities, probe.
 //! - [`controller`]: volumes, snapshots, clones and restores, capacity, listings.
 //! - [`group`]: group snapshots as consistency groups, atomic across nodes (two-phase freeze).
+//! - [`metadata`]: SnapshotMetadata (changed-block tracking) from the agents' bitmaps.
 //! - [`ids`]: ids that name node + agent object; CSI names as agent names.
 //! - [`agents`]: which agent serves which node. [`guards`]: ABORTED for concurrent calls.
 //! - [`status`]: every error to a gRPC status in one place. [`params`]: class parameters.
@@ -14,6 +15,7 @@ pub mod group;
 pub mod guards;
 pub mod identity;
 pub mod ids;
+pub mod metadata;
 pub mod node;
 pub mod params;
 pub mod status;
@@ -25,6 +27,7 @@ pub use identity::IdentityService;
 use crate::proto::csi::v1::controller_server::ControllerServer;
 use crate::proto::csi::v1::group_controller_server::GroupControllerServer;
 use crate::proto::csi::v1::identity_server::IdentityServer;
+use crate::proto::csi::v1::snapshot_metadata_server::SnapshotMetadataServer;
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -150,7 +153,7 @@ impl ControllerConfig {
     }
 }
 
-/// Serves Identity + Controller + GroupController of `svc` on `listener` until `shutdown`
+/// Serves Identity + Controller + GroupController + SnapshotMetadata of `svc` on `listener` until `shutdown`
 /// completes (calls in flight finish first). Other processes (`standalone`) mount the same
 /// services next to their own with [`ControllerService`] and [`IdentityService`].
 pub async fn serve_controller(
@@ -162,6 +165,7 @@ pub async fn serve_controller(
         .trace_fn(|req| tracing::info_span!("csi", method = %req.uri().path()))
         .add_service(IdentityServer::new(IdentityService::controller()))
         .add_service(ControllerServer::new(svc.clone()))
+        .add_service(SnapshotMetadataServer::new(svc.clone()))
         .add_service(GroupControllerServer::new(svc))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await?;

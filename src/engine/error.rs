@@ -188,4 +188,42 @@ pub enum EngineError {
         /// Volume size.
         size: u64,
     },
+    /// Changed-block tracking reads the image of a started snapshot whose target is readable.
+    #[error("mapping {map} is {state}: its target does not hold a readable point-in-time image")]
+    NotAPointInTime {
+        /// The mapping.
+        map: MapId,
+        /// Its state.
+        state: MapState,
+    },
+    /// A delta compares two snapshots of one source volume.
+    #[error(
+        "mappings {base} and {target} are snapshots of different volumes ({base_source} and {target_source})"
+    )]
+    DifferentSources {
+        /// Base mapping.
+        base: MapId,
+        /// Its source.
+        base_source: VolId,
+        /// Target mapping.
+        target: MapId,
+        /// Its source.
+        target_source: VolId,
+    },
+    /// A delta goes from an older snapshot to a newer one.
+    #[error("base mapping {base} did not start before target mapping {target}")]
+    BaseNotOlder {
+        /// Base mapping.
+        base: MapId,
+        /// Target mapping.
+        target: MapId,
+    },
+    /// A listing starts inside the image.
+    #[error("starting offset {offset} is not inside the image of {size} bytes")]
+    OffsetPastEnd {
+        /// Requested offset.
+        offset: u64,
+        /// Image size.
+        size: u64,
+    },
 }

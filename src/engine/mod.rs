@@ -27,12 +27,14 @@
 //! marks in the order they must become durable.
 
 mod bitmap;
+mod cbt;
 mod error;
 mod plan;
 mod state;
 mod types;
 
 pub use bitmap::Bitmap;
+pub use cbt::SnapshotView;
 pub use error::EngineError;
 pub use plan::{GrainCopy, GrainPlan, IoShape};
 pub use types::*;

@@ -15,6 +15,7 @@ use crate::proto::csi::v1::controller_server::ControllerServer;
 use crate::proto::csi::v1::group_controller_server::GroupControllerServer;
 use crate::proto::csi::v1::identity_server::IdentityServer;
 use crate::proto::csi::v1::node_server::NodeServer;
+use crate::proto::csi::v1::snapshot_metadata_server::SnapshotMetadataServer;
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -177,7 +178,7 @@ async fn serve_csi(
     let listener = csi::bind_unix(&csi_sock)?;
     println!("flashcopy-csi standalone, node {node}");
     println!(
-        "  CSI (Identity, Controller, GroupController, Node): unix://{}",
+        "  CSI (Identity, Controller, GroupController, SnapshotMetadata, Node): unix://{}",
         csi_sock.display()
     );
     println!("  agent API:  {agent_url}   (flashcopy-csi fc --agent {agent_url} lsfcmap)");
@@ -190,6 +191,7 @@ async fn serve_csi(
         .trace_fn(|req| tracing::info_span!("csi", method = %req.uri().path()))
         .add_service(IdentityServer::new(csi::IdentityService::controller()))
         .add_service(ControllerServer::new(controller.clone()))
+        .add_service(SnapshotMetadataServer::new(controller.clone()))
         .add_service(GroupControllerServer::new(controller))
         .add_service(NodeServer::new(node_svc))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)

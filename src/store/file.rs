@@ -110,6 +110,38 @@ impl BlockStore for FileStore {
         self.len.store(new_len, Ordering::Release);
         Ok(())
     }
+
+    /// SEEK_DATA / SEEK_HOLE; a file system without them reports the whole rest as data.
+    fn data_extent(&self, from: u64) -> Result<Option<std::ops::Range<u64>>, StoreError> {
+        let len = self.len();
+        if from >= len {
+            return Ok(None);
+        }
+        let start = match seek(&self.file, from, libc::SEEK_DATA) {
+            Ok(o) => o,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(Some(from..len)),
+            Err(e) => return Err(e.into()),
+        };
+        if start >= len {
+            return Ok(None);
+        }
+        let end = seek(&self.file, start, libc::SEEK_HOLE)?.min(len);
+        Ok(Some(start..end))
+    }
+}
+
+/// `lseek(fd, offset, whence)`; the shared file offset it moves is never used (all I/O is
+/// positional).
+#[allow(unsafe_code)]
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
+    // SAFETY: lseek on a valid, open file descriptor; no memory is passed.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as u64)
+    }
 }
 
 /// Deallocates `offset..offset+len` of `file`, keeping its size; the range then reads as zeros.

@@ -73,6 +73,11 @@ pub trait BlockStore: Send + Sync + std::fmt::Debug {
     fn discard(&self, offset: u64, len: u64) -> Result<(), StoreError>;
     /// Changes the size; new bytes read as zeros. Raw block devices return `Unsupported`.
     fn resize(&self, new_len: u64) -> Result<(), StoreError>;
+    /// The first range at or after `from` that may hold data (`None`: only holes, which read as
+    /// zeros, follow). Stores that cannot tell report everything as data.
+    fn data_extent(&self, from: u64) -> Result<Option<std::ops::Range<u64>>, StoreError> {
+        Ok((from < self.len()).then(|| from..self.len()))
+    }
 }
 
 /// Checks that `offset..offset+len` lies inside a store of `size` bytes.

@@ -16,6 +16,7 @@
 //! bit is durable in the journal, and only then is the triggering write issued.
 
 mod backend;
+mod cbt;
 mod commit;
 mod copier;
 mod failure;
@@ -23,6 +24,7 @@ mod hook;
 mod stats;
 
 pub use backend::{Backend, DirBackend, FaultBackend, MemBackend};
+pub use cbt::ExtentScan;
 pub use copier::{RateLimiter, Step};
 pub use failure::CopyFailure;
 pub use hook::HookPoint;
