@@ -31,7 +31,7 @@ use crate::proto::agent::v1::agent_client::AgentClient;
 use crate::proto::csi::v1 as csi;
 use crate::proto::csi::v1::controller_server::Controller;
 pub use snapshots::is_cut;
-use snapshots::ready;
+pub(super) use snapshots::ready;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
