@@ -524,23 +524,7 @@ async fn rotation_in_place_new_ca_bundle_then_new_certificates_with_no_failed_ca
         .unwrap();
     let mut c = ControllerClient::new(ch);
     let src = c
-        .create_volume(csi::CreateVolumeRequest {
-            name: "src".into(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 1 << 20,
-                limit_bytes: 0,
-            }),
-            volume_capabilities: vec![csi::VolumeCapability {
-                access_type: Some(csi::volume_capability::AccessType::Block(
-                    csi::volume_capability::BlockVolume {},
-                )),
-                access_mode: Some(csi::volume_capability::AccessMode {
-                    mode: csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
-                }),
-            }],
-            accessibility_requirements: topology("n1"),
-            ..Default::default()
-        })
+        .create_volume(block_volume("src", "n1"))
         .await
         .unwrap()
         .into_inner()
@@ -659,6 +643,27 @@ fn topology(node: &str) -> Option<csi::TopologyRequirement> {
     })
 }
 
+/// A 1 MiB Block volume on `node`.
+fn block_volume(name: &str, node: &str) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: 1 << 20,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![csi::VolumeCapability {
+            access_type: Some(csi::volume_capability::AccessType::Block(
+                csi::volume_capability::BlockVolume {},
+            )),
+            access_mode: Some(csi::volume_capability::AccessMode {
+                mode: csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+            }),
+        }],
+        accessibility_requirements: topology(node),
+        ..Default::default()
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -707,23 +712,7 @@ async fn csi_controller_reaches_agents_over_tls_and_createsnapshot_cost() {
     let mut sources = Vec::new();
     for node in nodes {
         let v = c
-            .create_volume(csi::CreateVolumeRequest {
-                name: format!("src-{node}"),
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: 1 << 20,
-                    limit_bytes: 0,
-                }),
-                volume_capabilities: vec![csi::VolumeCapability {
-                    access_type: Some(csi::volume_capability::AccessType::Block(
-                        csi::volume_capability::BlockVolume {},
-                    )),
-                    access_mode: Some(csi::volume_capability::AccessMode {
-                        mode: csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
-                    }),
-                }],
-                accessibility_requirements: topology(node),
-                ..Default::default()
-            })
+            .create_volume(block_volume(&format!("src-{node}"), node))
             .await
             .unwrap_or_else(|s| panic!("CreateVolume on {node}: {s:?}"))
             .into_inner()

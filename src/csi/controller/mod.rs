@@ -116,6 +116,29 @@ impl ControllerService {
         not_found_is_none(node, c.get_volume(pb::GetVolumeRequest { volume: r }).await)
     }
 
+    /// Undoes a half-made mapping named `name` (a create that failed after the mapping was
+    /// made): force-stops and deletes it; best effort, the caller reports the first failure.
+    pub(super) async fn undo_mapping(&self, node: &str, name: String) {
+        let (Ok(Some(m)), Ok(mut c)) = (self.find_mapping(node, name).await, self.client(node))
+        else {
+            return;
+        };
+        let mapping = m.id.to_string();
+        let _ = c
+            .stop_mapping(pb::StopMappingRequest {
+                mapping: mapping.clone(),
+                force: true,
+                split: false,
+            })
+            .await;
+        let _ = c
+            .delete_mapping(pb::DeleteMappingRequest {
+                mapping,
+                force: true,
+            })
+            .await;
+    }
+
     pub(super) async fn find_mapping(
         &self,
         node: &str,

@@ -248,21 +248,7 @@ impl ControllerService {
                 Ok(Self::csi_snapshot(&node, &m, t.size_bytes))
             }
             Err(s) => {
-                if let Ok(Some(m)) = self.find_mapping(&node, an.clone()).await {
-                    let _ = c
-                        .stop_mapping(pb::StopMappingRequest {
-                            mapping: m.id.to_string(),
-                            force: true,
-                            split: false,
-                        })
-                        .await;
-                    let _ = c
-                        .delete_mapping(pb::DeleteMappingRequest {
-                            mapping: m.id.to_string(),
-                            force: true,
-                        })
-                        .await;
-                }
+                self.undo_mapping(&node, an.clone()).await;
                 let _ = self.delete_agent_volume(&node, t.id).await;
                 Err(CsiError::agent(&node, s))
             }

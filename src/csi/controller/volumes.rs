@@ -438,21 +438,7 @@ impl ControllerService {
                             CsiError::agent(&node, s)
                         };
                         let clone = ids::agent_name(ids::CLONE_PREFIX, &r.name);
-                        if let Ok(Some(m)) = self.find_mapping(&node, clone).await {
-                            let _ = c
-                                .stop_mapping(pb::StopMappingRequest {
-                                    mapping: m.id.to_string(),
-                                    force: true,
-                                    split: false,
-                                })
-                                .await;
-                            let _ = c
-                                .delete_mapping(pb::DeleteMappingRequest {
-                                    mapping: m.id.to_string(),
-                                    force: true,
-                                })
-                                .await;
-                        }
+                        self.undo_mapping(&node, clone).await;
                         let _ = self.delete_agent_volume(&node, v.id).await;
                         Err(e)
                     }
