@@ -149,86 +149,103 @@ fn fingerprint(paths: &[&Path]) -> Option<u64> {
     Some(h.finish())
 }
 
-/// Files watched for a change: each check (at most every [`RELOAD_CHECK`]) compares their
-/// fingerprint with the one of the set in use and the last one that failed.
+/// A value loaded from files and loaded again when their contents change: each check (at
+/// most every [`RELOAD_CHECK`]) compares the files' fingerprint with the one of the set in use
+/// and of the last set that failed to load, so a bad set is logged once and skipped.
 #[derive(Debug)]
-struct Watched {
+pub struct Reloading<T> {
     files: Vec<PathBuf>,
+    /// What the log lines call the value ("TLS", "agent client TLS").
+    what: &'static str,
+    load: fn(&[PathBuf]) -> Result<T, TlsError>,
+    state: Mutex<ReloadState<T>>,
+}
+
+#[derive(Debug)]
+struct ReloadState<T> {
+    value: T,
     in_use: u64,
     failed: Option<u64>,
     checked: Instant,
 }
 
-impl Watched {
-    fn new(files: Vec<PathBuf>) -> Self {
+impl<T: Clone> Reloading<T> {
+    fn new(
+        files: Vec<PathBuf>,
+        what: &'static str,
+        load: fn(&[PathBuf]) -> Result<T, TlsError>,
+    ) -> Result<Self, TlsError> {
+        let value = load(&files)?;
         let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
-        Self {
+        let state = ReloadState {
+            value,
             in_use: fingerprint(&refs).unwrap_or(0),
-            files,
             failed: None,
             checked: Instant::now(),
-        }
+        };
+        Ok(Self {
+            files,
+            what,
+            load,
+            state: Mutex::new(state),
+        })
     }
 
-    /// The new fingerprint when the files changed since the set in use (and since the last
-    /// set that failed to load); None otherwise or when checked less than a period ago.
-    fn changed(&mut self) -> Option<u64> {
-        if self.checked.elapsed() < RELOAD_CHECK {
-            return None;
+    /// The value in use.
+    pub fn current(&self) -> T {
+        self.state.lock().value.clone()
+    }
+
+    /// Loads the files again if they changed; true when a new value is now in use. A set that
+    /// does not load is logged and the previous value kept.
+    pub fn refresh(&self) -> bool {
+        let mut st = self.state.lock();
+        if st.checked.elapsed() < RELOAD_CHECK {
+            return false;
         }
-        self.checked = Instant::now();
+        st.checked = Instant::now();
         let refs: Vec<&Path> = self.files.iter().map(PathBuf::as_path).collect();
-        let now = fingerprint(&refs)?;
-        (now != self.in_use && Some(now) != self.failed).then_some(now)
-    }
-
-    fn names(&self) -> String {
+        let Some(fp) = fingerprint(&refs) else {
+            return false;
+        };
+        if fp == st.in_use || Some(fp) == st.failed {
+            return false;
+        }
         let names: Vec<String> = self.files.iter().map(|p| p.display().to_string()).collect();
-        names.join(", ")
+        match (self.load)(&self.files) {
+            Ok(v) => {
+                tracing::info!(files = %names.join(", "), "{} certificates reloaded", self.what);
+                st.value = v;
+                st.in_use = fp;
+                st.failed = None;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "changed {} files do not load; still using the previous ones", self.what);
+                st.failed = Some(fp);
+                false
+            }
+        }
     }
 }
 
 /// The agent's server TLS, re-read when its files change.
-#[derive(Debug)]
-pub struct ServerTls {
-    cert: PathBuf,
-    key: PathBuf,
-    client_ca: PathBuf,
-    state: Mutex<(Watched, Arc<ServerConfig>)>,
-}
+pub type ServerTls = Reloading<Arc<ServerConfig>>;
 
 impl ServerTls {
     /// Loads the files now (an error here stops the agent before it binds).
     pub fn load(cert: &Path, key: &Path, client_ca: &Path) -> Result<Arc<Self>, TlsError> {
-        let config = server_config(cert, key, client_ca)?;
-        let watched = Watched::new(vec![cert.into(), key.into(), client_ca.into()]);
-        Ok(Arc::new(Self {
-            cert: cert.into(),
-            key: key.into(),
-            client_ca: client_ca.into(),
-            state: Mutex::new((watched, config)),
-        }))
+        let files = vec![cert.into(), key.into(), client_ca.into()];
+        Ok(Arc::new(Self::new(files, "TLS", |f| {
+            server_config(&f[0], &f[1], &f[2])
+        })?))
     }
 
     /// The configuration for the next handshake: the files' current contents when they changed
     /// and load, the previous configuration otherwise.
-    pub fn current(&self) -> Arc<ServerConfig> {
-        let mut st = self.state.lock();
-        if let Some(fp) = st.0.changed() {
-            match server_config(&self.cert, &self.key, &self.client_ca) {
-                Ok(c) => {
-                    tracing::info!(files = %st.0.names(), "TLS certificates reloaded");
-                    st.0.in_use = fp;
-                    st.0.failed = None;
-                    st.1 = c;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "changed TLS files do not load; still using the previous ones");
-                    st.0.failed = Some(fp);
-                }
-            }
-        }
-        st.1.clone()
+    pub fn for_handshake(&self) -> Arc<ServerConfig> {
+        self.refresh();
+        self.current()
     }
 }
 
@@ -264,7 +281,7 @@ pub fn incoming(
                 shed.one(peer);
                 continue;
             };
-            let acceptor = TlsAcceptor::from(tls.current());
+            let acceptor = TlsAcceptor::from(tls.for_handshake());
             let tx = tx.clone();
             tokio::spawn(async move {
                 handshake(acceptor, tcp, peer, tx).await;
@@ -394,12 +411,10 @@ impl ClientArgs {
         let Some((ca, cert, key)) = self.files()? else {
             return Ok(None);
         };
-        let config = client_config(&ca, &cert, &key)?;
-        let watched = Watched::new(vec![ca.clone(), cert.clone(), key.clone()]);
-        Ok(Some(ClientTls {
-            files: (ca, cert, key),
-            state: Mutex::new((watched, config)),
-        }))
+        let files = vec![ca, cert, key];
+        Ok(Some(Reloading::new(files, "agent client TLS", |f| {
+            client_config(&f[0], &f[1], &f[2])
+        })?))
     }
 
     fn files(&self) -> Result<Option<(PathBuf, PathBuf, PathBuf)>, TlsError> {
@@ -429,43 +444,9 @@ fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<ClientTlsConfig, 
 }
 
 /// Client TLS whose files are re-read when they change: the CSI controller keeps channels to
-/// agents for its lifetime, and a rotation must reach them without a restart.
-#[derive(Debug)]
-pub struct ClientTls {
-    files: (PathBuf, PathBuf, PathBuf),
-    state: Mutex<(Watched, ClientTlsConfig)>,
-}
-
-impl ClientTls {
-    /// The settings in use.
-    pub fn config(&self) -> ClientTlsConfig {
-        self.state.lock().1.clone()
-    }
-
-    /// Re-reads the files if they changed; true when a new set is now in use (channels made
-    /// with the previous one should be remade). A set that does not load is logged and skipped.
-    pub fn refresh(&self) -> bool {
-        let mut st = self.state.lock();
-        let Some(fp) = st.0.changed() else {
-            return false;
-        };
-        let (ca, cert, key) = &self.files;
-        match client_config(ca, cert, key) {
-            Ok(c) => {
-                tracing::info!(files = %st.0.names(), "agent client TLS certificates reloaded");
-                st.0.in_use = fp;
-                st.0.failed = None;
-                st.1 = c;
-                true
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "changed agent client TLS files do not load; still using the previous ones");
-                st.0.failed = Some(fp);
-                false
-            }
-        }
-    }
-}
+/// agents for its lifetime, and a rotation must reach them without a restart (on `refresh`
+/// returning true, channels made with the previous set are remade).
+pub type ClientTls = Reloading<ClientTlsConfig>;
 
 /// An endpoint for an agent URL: `https://` uses `tls` (which must be given), other schemes
 /// connect as they are.

@@ -115,7 +115,7 @@ impl Agents {
         let url = self
             .url(node)
             .ok_or_else(|| CsiError::NotFound(format!("no agent serves node {node:?}")))?;
-        let tls = self.tls.as_ref().map(ClientTls::config);
+        let tls = self.tls.as_ref().map(ClientTls::current);
         let channel = crate::tls::endpoint(&url, tls.as_ref())
             .map_err(|why| CsiError::Unavailable {
                 node: node.into(),
