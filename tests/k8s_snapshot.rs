@@ -98,6 +98,7 @@ fn vsc1() -> String {
 }
 
 async fn run_case(name: &str, objects: &str, driver: FakeDriver, steps: Vec<Step>) {
+    logs();
     let (server, client) = ApiServer::start(objects);
     let ctx = ctx(client, &driver);
     let mut errors: Vec<String> = Vec::new();
@@ -246,7 +247,7 @@ fn ready_snapshot_expectations() -> Vec<Step> {
     ]
 }
 
-/// Every log line of the code under test (this test's thread), at trace level, kept in memory.
+/// Every log line of every test in this binary, at trace level, kept in memory.
 #[derive(Clone, Default)]
 struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
@@ -267,18 +268,32 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
     }
 }
 
+/// The capture, installed as the global subscriber by the first test to start (each test
+/// calls this before it logs anything). A thread-local `set_default` is not enough here:
+/// tracing caches a callsite's interest process-wide, and a callsite first hit by a
+/// concurrent test without a subscriber could stay switched off for this one too (it did,
+/// in CI, about one run in two).
+fn logs() -> &'static Captured {
+    static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Captured::default();
+        tracing::subscriber::set_global_default(
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::TRACE)
+                .with_ansi(false)
+                .with_writer(logs.clone())
+                .finish(),
+        )
+        .expect("no other subscriber in this test binary");
+        logs
+    })
+}
+
 /// The secret class's Secret holds `s3cr3t` (base64 `czNjcjN0`): the controller reads it from
-/// the API server and hands it to the driver, and no log line carries it, at any level.
+/// the API server and hands it to the driver, and no log line carries it, at any level
+/// (checked over the logs of every test that has run so far in this binary).
 #[tokio::test]
 async fn dynamic_snapshot_default_class_secrets_and_status() {
-    let logs = Captured::default();
-    let _guard = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(logs.clone())
-            .finish(),
-    );
     let driver = FakeDriver::default();
     let mut steps = vec![Rounds(10)];
     steps.extend(ready_snapshot_expectations());
@@ -305,7 +320,7 @@ async fn dynamic_snapshot_default_class_secrets_and_status() {
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
     assert_eq!(st.params_seen[0], want);
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let text = String::from_utf8(logs().0.lock().unwrap().clone()).unwrap();
     assert!(
         text.contains("kube_client") && text.lines().count() > 20,
         "the capture holds too little to prove anything:\n{text}"
@@ -1033,6 +1048,7 @@ async fn dynamic_group_snapshot_members_and_deletion() {
 /// single kinds as `snapshot.storage.k8s.io/v1`; objects we create carry those apiVersions.
 #[tokio::test]
 async fn pain14_api_versions_are_the_ga_ones() {
+    logs();
     let (server, client) = ApiServer::start(&objects(&[PVC_LOG, VGS, SNAP1]));
     let driver = FakeDriver::default();
     let ctx = ctx(client, &driver);
@@ -1215,6 +1231,7 @@ async fn not_ready_snapshot_is_polled_with_create_until_ready() {
 /// success resets it.
 #[tokio::test]
 async fn retry_backoff_is_per_object_and_reset_by_success() {
+    logs();
     let (_server, client) = ApiServer::start("");
     let ctx = ctx(client, &FakeDriver::default());
     let secs: Vec<u64> = (0..3)
