@@ -200,6 +200,27 @@ enum Run {
 
 /// Equal words worth a run of their own.
 const MIN_RUN: usize = 4;
+// Most bitmap words the decode running on this thread may still create, all bitmaps
+// together; `None` outside `decode_bounded`. A thread-local, not a parameter: serde's derived
+// decoders of the engine cannot pass one.
+thread_local! {
+    static WORDS_LEFT: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `decode` allowing at most `bits` of bitmap in all. [`MAX_BITS`] bounds each bitmap;
+/// this bounds their sum, so that a damaged checkpoint listing many maximal bitmaps cannot
+/// ask for many times the bitmap budget.
+pub fn decode_bounded<T>(bits: u64, decode: impl FnOnce() -> T) -> T {
+    struct Restore(Option<u64>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            WORDS_LEFT.set(self.0);
+        }
+    }
+    let _restore = Restore(WORDS_LEFT.replace(Some(bits.div_ceil(64))));
+    decode()
+}
+
 /// Longest bitmap decoded: 2^32 grains (256 TiB of 64 KiB grains), 512 MiB, the whole default
 /// bitmap budget ([`crate::engine::Limits`]), which no mapping can exceed. A damaged length or
 /// run cannot ask for more (2^36 let 17 bytes of a checkpoint allocate 8 GiB; found by fuzzing).
@@ -248,6 +269,14 @@ impl<'de> Deserialize<'de> for Bitmap {
             };
             if words.len() as u64 + n > want as u64 {
                 return Err(D::Error::custom("bitmap runs longer than its length"));
+            }
+            if let Some(left) = WORDS_LEFT.get() {
+                let Some(rest) = left.checked_sub(n) else {
+                    return Err(D::Error::custom(
+                        "bitmaps longer in all than the bitmap budget",
+                    ));
+                };
+                WORDS_LEFT.set(Some(rest));
             }
             match r {
                 Run::Same(n, w) => words.resize(words.len() + n as usize, w),
@@ -306,6 +335,24 @@ mod tests {
         let over_words = (MAX_BITS + 1).div_ceil(64);
         let over = bincode::serialize(&(MAX_BITS + 1, vec![Run::Same(over_words, 0)])).unwrap();
         assert!(dec(&over).is_err());
+    }
+
+    #[test]
+    fn decode_bounded_caps_all_bitmaps_together() {
+        let one = bincode::serialize(&(640u64, vec![Run::Same(10, 0)])).unwrap();
+        let two = bincode::serialize(&vec![
+            (640u64, vec![Run::Same(10, 0)]),
+            (640u64, vec![Run::Same(10, 0)]),
+        ])
+        .unwrap();
+        let bounded = |v: &[u8]| decode_bounded(1000, || bincode::deserialize::<Vec<Bitmap>>(v));
+        // Each bitmap fits the bound; the two together do not.
+        assert!(decode_bounded(1000, || bincode::deserialize::<Bitmap>(&one)).is_ok());
+        let err = bounded(&two).unwrap_err().to_string();
+        assert!(err.contains("bitmap budget"), "{err}");
+        // The bound ends with its decode, even a failed one.
+        assert_eq!(bincode::deserialize::<Vec<Bitmap>>(&two).unwrap().len(), 2);
+        assert!(decode_bounded(1280, || bincode::deserialize::<Vec<Bitmap>>(&two)).is_ok());
     }
 
     #[test]

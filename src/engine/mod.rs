@@ -33,7 +33,7 @@ mod plan;
 mod state;
 mod types;
 
-pub use bitmap::Bitmap;
+pub use bitmap::{Bitmap, decode_bounded};
 pub use cbt::SnapshotView;
 pub use error::EngineError;
 pub use plan::{GrainCopy, GrainPlan, IoShape};

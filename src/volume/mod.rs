@@ -32,7 +32,7 @@ pub use stats::{BUCKETS, CopyKind, Histogram, HistogramSnapshot, IoOp, IoStats, 
 
 use crate::engine::{
     Engine, EngineError, Event, GroupId, Limits, MapId, MapState, MappingChange, MappingSpec, Op,
-    VolId,
+    VolId, decode_bounded,
 };
 use crate::meta::{Journal, MetaError, MetaFiles, Recovered};
 use crate::store::{BlockStore, StoreError};
@@ -172,7 +172,16 @@ impl FrozenGroup {
 /// records replayed. Every byte here comes from disk: a bad one is an error, never a panic.
 pub(crate) fn recover_engine(rec: &Recovered, limits: &Limits) -> Result<Engine, VolumeError> {
     let mut engine = match &rec.checkpoint {
-        Some(bytes) => bincode::deserialize(bytes).map_err(|e| {
+        // The bitmaps of a checkpoint together fit the budget they were charged to (the
+        // default one, or a larger one configured here).
+        Some(bytes) => decode_bounded(
+            limits
+                .bitmap_budget_bytes
+                .max(Limits::default().bitmap_budget_bytes)
+                * 8,
+            || bincode::deserialize(bytes),
+        )
+        .map_err(|e| {
             VolumeError::Decode(format!("checkpoint generation {}: {e}", rec.generation))
         })?,
         None => Engine::new(limits.clone()),
