@@ -534,6 +534,61 @@ async fn block_access_binds_the_device_node_and_data_is_never_formatted_over() {
     }
     let size = std::fs::File::open(&target).unwrap().seek_end();
     assert_eq!(size, 32 << 20, "the target is the whole device");
+
+    // Read-only beside it: the data reads, and the kernel refuses writes (the device node of
+    // a read-only loop device; a read-only bind of the node alone would let them through).
+    let ro_target = p.path("dev-ro-target");
+    for _ in 0..2 {
+        p.publish(&id, &staging, &ro_target, block_cap(), true)
+            .await
+            .unwrap();
+    }
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&ro_target).unwrap();
+        f.seek(SeekFrom::Start(4096)).unwrap();
+        let mut b = [0u8; 14];
+        f.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"raw block data");
+    }
+    {
+        // Linux opens a read-only block device for writing and fails the write itself.
+        use std::io::{Seek, SeekFrom, Write};
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&ro_target)
+            .and_then(|mut f| {
+                f.seek(SeekFrom::Start(4096))?;
+                f.write_all(b"overwritten!!!")?;
+                f.sync_all()
+            });
+        let e = written.expect_err("a write through a read-only publish");
+        assert!(
+            matches!(
+                e.raw_os_error(),
+                Some(libc::EACCES | libc::EROFS | libc::EPERM)
+            ),
+            "{e}"
+        );
+        let mut b = vec![0u8; 4096 + 14];
+        std::io::Read::read_exact(&mut std::fs::File::open(&target).unwrap(), &mut b).unwrap();
+        assert_eq!(&b[4096..], b"raw block data");
+    }
+    let ro_dev = mount::mounted_at(&ro_target).unwrap().unwrap().root;
+    let ro_sys = Path::new("/sys/block")
+        .join(ro_dev.strip_prefix("/").unwrap())
+        .join("loop");
+    assert!(ro_sys.exists(), "{} is not a loop device", ro_dev.display());
+    // Another request at the same target, read-write this time, is refused.
+    let s = code(
+        p.publish(&id, &staging, &ro_target, block_cap(), false)
+            .await,
+    );
+    assert_eq!(s, Code::AlreadyExists);
+    p.unpublish(&id, &ro_target).await.unwrap();
+    assert!(!ro_target.exists());
+    assert!(!ro_sys.exists(), "the read-only loop outlived its publish");
+
     p.unpublish(&id, &target).await.unwrap();
     assert!(!target.exists());
     p.unstage(&id, &staging).await.unwrap();

@@ -599,6 +599,36 @@ async fn vm_stage_publish_expand_unstage() {
     f.read_exact(back.as_mut()).unwrap();
     assert_eq!(back.as_ref(), &data[..]);
     drop(f);
+    // Read-only beside it: the node of a read-only loop device over the nbd device, whose
+    // writes the kernel fails.
+    let ro = n.path("tg-raw-ro");
+    n.node()
+        .await
+        .node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: vol.clone(),
+            staging_target_path: staging.display().to_string(),
+            target_path: ro.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            readonly: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut head = vec![0u8; 4096];
+    std::fs::File::open(&ro)
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert_eq!(head, data[..4096]);
+    let write = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&ro)
+        .and_then(|mut f| {
+            f.write_all(&[0u8; 4096])?;
+            f.sync_all()
+        });
+    assert!(write.is_err(), "a read-only Block publish took a write");
+    unpublish(&n, &vol, &ro).await;
     unpublish(&n, &vol, &target).await;
     unstage(&n, &vol, &staging).await;
     assert_eq!(kernel_errors(), Vec::<String>::new());

@@ -123,6 +123,55 @@ pub fn loops_backed_by(file: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// A new read-only loop device over the attached device `dev`, for one read-only Block
+/// publish. Binding `dev`'s node read-only would not do: a device node opens for writing on a
+/// read-only mount, and a container runtime makes its own node from the device numbers. The
+/// kernel itself refuses writes to a read-only loop device.
+pub fn read_only_loop(dev: &Path) -> Result<PathBuf> {
+    let out = run(
+        "losetup",
+        &[
+            "--read-only".as_ref(),
+            "--find".as_ref(),
+            "--show".as_ref(),
+            dev.as_os_str(),
+        ],
+    )?;
+    Ok(PathBuf::from(out.trim()))
+}
+
+/// The read-only loop devices over the attached device `dev` ([`read_only_loop`]).
+pub fn read_only_loops(dev: &Path) -> Vec<PathBuf> {
+    let dev = std::fs::canonicalize(dev).unwrap_or_else(|_| dev.to_path_buf());
+    loops_backed_by(&dev)
+        .into_iter()
+        .filter(|l| is_read_only_loop(l))
+        .collect()
+}
+
+/// A read-only loop device over a block device: what [`read_only_loop`] makes.
+fn is_read_only_loop(l: &Path) -> bool {
+    let Some(name) = l.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return false;
+    };
+    let sys = Path::new("/sys/block").join(&name);
+    let ro = std::fs::read_to_string(sys.join("ro")).is_ok_and(|r| r.trim() == "1");
+    let backing = std::fs::read_to_string(sys.join("loop/backing_file")).unwrap_or_default();
+    name.starts_with("loop") && ro && backing.starts_with("/dev/")
+}
+
+/// Detaches the read-only loop device `l` once no publish binds it; fails with
+/// [`Error::Busy`] while one does. Anything but a [`read_only_loop`] is left alone.
+pub fn release_read_only_loop(l: &Path) -> Result<()> {
+    if !is_read_only_loop(l) {
+        return Ok(());
+    }
+    ensure_unmounted(l)?;
+    run("losetup", &[Path::new("-d"), l])?;
+    tracing::debug!(device = %l.display(), "read-only loop detached");
+    Ok(())
+}
+
 /// True when process `pid` is alive and its command line mentions `marker` (guards against a
 /// recycled pid).
 pub fn process_alive(pid: i32, marker: &str) -> bool {

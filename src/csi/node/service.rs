@@ -2,7 +2,7 @@
 //! volume's export, then attach / format / mount on the blocking pool. Errors map to gRPC
 //! statuses in [`crate::csi::status`].
 
-use super::attach::{Attacher, Export};
+use super::attach::{self, Attacher, Export};
 use super::error::Error;
 use super::mount::{self, Contents, FsType};
 use crate::csi::TOPOLOGY_KEY;
@@ -260,10 +260,20 @@ fn single_writer_busy(volume: &str, at: &Path) -> CsiError {
 /// access) and binds of the device node itself (Block access, which mountinfo shows as the
 /// node inside the /dev filesystem, not under the device's numbers). Both kinds count,
 /// whichever access type asks.
+/// Every Block publish of the attached device `dev`: binds of its node and of the nodes of
+/// its read-only loops.
+fn node_binds(dev: &Path) -> Result<Vec<mount::MountEntry>, CsiError> {
+    let mut binds = mount::binds_of_node(dev).map_err(node_err)?;
+    for l in attach::read_only_loops(dev) {
+        binds.extend(mount::binds_of_node(&l).map_err(node_err)?);
+    }
+    Ok(binds)
+}
+
 fn published_elsewhere(dev: &Path, staging: &Path) -> Result<Option<PathBuf>, CsiError> {
     let staging = mount::resolve(staging);
     let fs = mount::mounts_of(dev).map_err(node_err)?;
-    let nodes = mount::binds_of_node(dev).map_err(node_err)?;
+    let nodes = node_binds(dev)?;
     Ok(fs
         .into_iter()
         .chain(nodes)
@@ -301,8 +311,7 @@ fn publish(
     if let Some(m) = mount::mounted_at(target).map_err(node_err)? {
         // Already published here: the same call again succeeds, anything else is refused.
         let ours = if block {
-            mount::binds_of_node(&dev)
-                .map_err(node_err)?
+            node_binds(&dev)?
                 .iter()
                 .any(|b| b.mount_point == m.mount_point)
         } else {
@@ -325,22 +334,34 @@ fn publish(
         return Err(single_writer_busy(volume, &at));
     }
     // Filesystem access binds the staged directory on a directory, Block access the device
-    // node on a file. What this call creates it removes again if the bind fails, so a failed
-    // publish leaves the target as it found it.
-    let (src, created) = if block {
-        let created = !target.exists();
+    // node on a file (read-only: the node of a read-only loop device over it). What this call
+    // creates it removes again if the bind fails, so a failed publish leaves the target as it
+    // found it.
+    let created = !target.exists();
+    let src = if block {
         if created {
             std::fs::File::create(target)
                 .map_err(|e| node_err(super::error::io_err("creating", target)(e)))?;
         }
-        (dev.as_path(), created)
+        if read_only {
+            attach::read_only_loop(&dev).map_err(|e| {
+                if created {
+                    let _ = remove_target(target);
+                }
+                node_err(e)
+            })?
+        } else {
+            dev.clone()
+        }
     } else {
-        let created = !target.exists();
         std::fs::create_dir_all(target)
             .map_err(|e| node_err(super::error::io_err("creating", target)(e)))?;
-        (staging, created)
+        staging.to_path_buf()
     };
-    if let Err(e) = mount::bind(src, target, read_only, &[]) {
+    if let Err(e) = mount::bind(&src, target, read_only, &[]) {
+        if src != dev && block {
+            let _ = attach::release_read_only_loop(&src);
+        }
         if created {
             let _ = remove_target(target);
         }
@@ -399,6 +420,13 @@ impl Node for NodeService {
         let (att, vol) = (self.attacher.clone(), r.volume_id.clone());
         blocking(move || {
             mount::unmount_all(&staging).map_err(node_err)?;
+            // Read-only loops left by an unpublish that did not finish go first; one still
+            // published keeps the volume staged.
+            if let Some(dev) = att.device(&vol).map_err(node_err)? {
+                for l in attach::read_only_loops(&dev) {
+                    attach::release_read_only_loop(&l).map_err(node_err)?;
+                }
+            }
             att.detach(&vol).map_err(node_err)?;
             tracing::info!(volume = vol, staging = %staging.display(), "unstaged");
             Ok(())
@@ -433,7 +461,20 @@ impl Node for NodeService {
         let _held = self.guard(&r.volume_id)?;
         let vol = r.volume_id.clone();
         blocking(move || {
+            // A read-only Block publish binds a read-only loop device of its own: detached
+            // once unbound.
+            let ro_loop = mount::mounted_at(&target)
+                .map_err(node_err)?
+                .filter(|m| matches!(m.fstype.as_str(), "devtmpfs" | "tmpfs"))
+                .and_then(|m| {
+                    let name = m.root.file_name()?.to_string_lossy().into_owned();
+                    name.starts_with("loop")
+                        .then(|| Path::new("/dev").join(name))
+                });
             mount::unmount_all(&target).map_err(node_err)?;
+            if let Some(l) = ro_loop {
+                attach::release_read_only_loop(&l).map_err(node_err)?;
+            }
             remove_target(&target)?;
             tracing::info!(volume = vol, target = %target.display(), "unpublished");
             Ok(())
