@@ -29,14 +29,18 @@ pub enum Command {
     Standalone(crate::standalone::Config),
     /// Run the snapshot controller: VolumeSnapshot(Content) and VolumeGroupSnapshot(Content)
     /// over our CSI controller socket, leader-elected.
+    #[cfg(feature = "kubernetes")]
     SnapshotController(crate::k8s::run::Config),
     /// Mirror a node agent's mappings and consistency groups into FlashCopyMapping /
     /// FlashCopyConsistencyGroup objects (`kubectl get fcmap`), until SIGTERM.
+    #[cfg(feature = "kubernetes")]
     KubeSync(crate::k8s::sync::SyncConfig),
     /// The install's mutual-TLS certificates as Secrets (the controller pod's init container).
+    #[cfg(feature = "kubernetes")]
     #[command(subcommand)]
     Certs(crate::k8s::certs::CertsCommand),
     /// Print our CustomResourceDefinitions (FlashCopyMapping, FlashCopyConsistencyGroup) as YAML.
+    #[cfg(feature = "kubernetes")]
     Crd,
 }
 

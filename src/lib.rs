@@ -26,6 +26,7 @@ pub mod engine;
 pub mod fc;
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(feature = "kubernetes")]
 pub mod k8s;
 pub mod meta;
 pub mod nbd;

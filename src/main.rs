@@ -8,18 +8,12 @@ use tracing_subscriber::EnvFilter;
 fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     // The agent is a daemon: its default log level tells what it does.
-    let level = if matches!(
-        cli.command,
-        Command::Agent(_)
-            | Command::Csi(_)
-            | Command::Standalone(flashcopy_csi::standalone::Config { demo: false, .. })
-            | Command::SnapshotController(_)
-            | Command::KubeSync(_)
-            | Command::Certs(_)
-    ) {
-        "info"
-    } else {
-        "warn"
+    let level = match &cli.command {
+        Command::Fc(_)
+        | Command::Standalone(flashcopy_csi::standalone::Config { demo: true, .. }) => "warn",
+        #[cfg(feature = "kubernetes")]
+        Command::Crd => "warn",
+        _ => "info",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -35,9 +29,13 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Csi(CsiCommand::Controller(cfg)) => flashcopy_csi::csi::controller_main(cfg)?,
         Command::Csi(CsiCommand::Node(cfg)) => flashcopy_csi::csi::node::node_main(cfg)?,
         Command::Standalone(cfg) => flashcopy_csi::standalone::main(cfg)?,
+        #[cfg(feature = "kubernetes")]
         Command::SnapshotController(cfg) => flashcopy_csi::k8s::run::main(cfg)?,
+        #[cfg(feature = "kubernetes")]
         Command::KubeSync(cfg) => flashcopy_csi::k8s::sync::main(cfg)?,
+        #[cfg(feature = "kubernetes")]
         Command::Certs(cmd) => flashcopy_csi::k8s::certs::main(cmd)?,
+        #[cfg(feature = "kubernetes")]
         Command::Crd => print!("{}", flashcopy_csi::k8s::crd::crd_yaml()?),
     }
     Ok(ExitCode::SUCCESS)

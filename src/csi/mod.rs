@@ -186,6 +186,13 @@ pub fn controller_main(cfg: ControllerConfig) -> Result<(), ServeError> {
     rt.block_on(async {
         let path = endpoint_path(&cfg.endpoint)?;
         let svc = cfg.service()?;
+        #[cfg(not(feature = "kubernetes"))]
+        if cfg.nodes_from_csinodes {
+            return Err(ServeError::Config(
+                "--nodes-from-csinodes: built without the kubernetes feature".into(),
+            ));
+        }
+        #[cfg(feature = "kubernetes")]
         if cfg.nodes_from_csinodes {
             let client = kube::Client::try_default()
                 .await
