@@ -256,10 +256,6 @@ fn single_writer_busy(volume: &str, at: &Path) -> CsiError {
     ))
 }
 
-/// Where `dev` is published other than at `staging`: binds of its filesystem (Filesystem
-/// access) and binds of the device node itself (Block access, which mountinfo shows as the
-/// node inside the /dev filesystem, not under the device's numbers). Both kinds count,
-/// whichever access type asks.
 /// Every Block publish of the attached device `dev`: binds of its node and of the nodes of
 /// its read-only loops.
 fn node_binds(dev: &Path) -> Result<Vec<mount::MountEntry>, CsiError> {
@@ -270,6 +266,10 @@ fn node_binds(dev: &Path) -> Result<Vec<mount::MountEntry>, CsiError> {
     Ok(binds)
 }
 
+/// Where `dev` is published other than at `staging`: binds of its filesystem (Filesystem
+/// access) and binds of the device node itself (Block access, which mountinfo shows as the
+/// node inside the /dev filesystem, not under the device's numbers). Both kinds count,
+/// whichever access type asks.
 fn published_elsewhere(dev: &Path, staging: &Path) -> Result<Option<PathBuf>, CsiError> {
     let staging = mount::resolve(staging);
     let fs = mount::mounts_of(dev).map_err(node_err)?;
@@ -359,7 +359,7 @@ fn publish(
         staging.to_path_buf()
     };
     if let Err(e) = mount::bind(&src, target, read_only, &[]) {
-        if src != dev && block {
+        if block && read_only {
             let _ = attach::release_read_only_loop(&src);
         }
         if created {
@@ -421,8 +421,8 @@ impl Node for NodeService {
         blocking(move || {
             mount::unmount_all(&staging).map_err(node_err)?;
             // Read-only loops left by an unpublish that did not finish go first; one still
-            // published keeps the volume staged.
-            if let Some(dev) = att.device(&vol).map_err(node_err)? {
+            // published keeps the volume staged. (A broken attachment is detach's to handle.)
+            if let Ok(Some(dev)) = att.device(&vol) {
                 for l in attach::read_only_loops(&dev) {
                     attach::release_read_only_loop(&l).map_err(node_err)?;
                 }
