@@ -137,17 +137,13 @@ impl Env {
             .into_inner();
         let (mut out, mut cap) = (Vec::new(), -1);
         while let Some(m) = st.message().await? {
-            check_message(
+            take_message(
                 m.block_metadata_type,
                 m.volume_capacity_bytes,
-                &mut cap,
+                &m.block_metadata,
                 max,
-            );
-            assert!(max == 0 || m.block_metadata.len() <= max as usize);
-            out.extend(
-                m.block_metadata
-                    .iter()
-                    .map(|b| (b.byte_offset, b.size_bytes)),
+                &mut cap,
+                &mut out,
             );
         }
         check_extents(&out);
@@ -168,17 +164,13 @@ impl Env {
             .into_inner();
         let (mut out, mut cap) = (Vec::new(), -1);
         while let Some(m) = st.message().await? {
-            check_message(
+            take_message(
                 m.block_metadata_type,
                 m.volume_capacity_bytes,
-                &mut cap,
+                &m.block_metadata,
                 max,
-            );
-            assert!(max == 0 || m.block_metadata.len() <= max as usize);
-            out.extend(
-                m.block_metadata
-                    .iter()
-                    .map(|b| (b.byte_offset, b.size_bytes)),
+                &mut cap,
+                &mut out,
             );
         }
         check_extents(&out);
@@ -197,11 +189,21 @@ fn delta_req(base: &str, target: &str, from: i64, max: i32) -> csi::GetMetadataD
 }
 
 /// Every message: VARIABLE_LENGTH and the same capacity.
-fn check_message(kind: i32, cap: i64, seen: &mut i64, _max: i32) {
+/// Checks one message of either stream and appends its extents to `out`.
+fn take_message(
+    kind: i32,
+    cap: i64,
+    blocks: &[csi::BlockMetadata],
+    max: i32,
+    seen: &mut i64,
+    out: &mut Vec<(i64, i64)>,
+) {
     assert_eq!(kind, csi::BlockMetadataType::VariableLength as i32);
     assert!(cap > 0);
     assert!(*seen == -1 || *seen == cap, "capacity changed mid-stream");
     *seen = cap;
+    assert!(max == 0 || blocks.len() <= max as usize);
+    out.extend(blocks.iter().map(|b| (b.byte_offset, b.size_bytes)));
 }
 
 /// Sorted, disjoint, merged, on grains.
