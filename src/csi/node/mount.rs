@@ -202,6 +202,14 @@ impl MountEntry {
     pub fn read_only(&self) -> bool {
         self.options.iter().any(|o| o == "ro")
     }
+    /// The device node this mount binds (a Block publish), e.g. `/dev/loop3`: mountinfo shows
+    /// such a bind as the node's path inside the `/dev` filesystem.
+    pub fn bound_node(&self) -> Option<PathBuf> {
+        if !matches!(self.fstype.as_str(), "devtmpfs" | "tmpfs") {
+            return None;
+        }
+        Some(Path::new("/dev").join(self.root.strip_prefix("/").ok()?))
+    }
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space, ...).
@@ -311,13 +319,12 @@ pub fn mounts_of(dev: &Path) -> Result<Vec<MountEntry>> {
     Ok(mounts()?.into_iter().filter(|m| m.dev == n).collect())
 }
 
-/// Every bind mount of the device node `dev` itself (block-mode publishes): mountinfo shows
-/// them as the node's path inside the `/dev` filesystem.
+/// Every bind mount of the device node `dev` itself (block-mode publishes).
 pub fn binds_of_node(dev: &Path) -> Result<Vec<MountEntry>> {
-    let root = Path::new("/").join(sys_name(dev)?);
+    let node = Path::new("/dev").join(sys_name(dev)?);
     Ok(mounts()?
         .into_iter()
-        .filter(|m| matches!(m.fstype.as_str(), "devtmpfs" | "tmpfs") && m.root == root)
+        .filter(|m| m.bound_node().as_ref() == Some(&node))
         .collect())
 }
 

@@ -463,17 +463,12 @@ impl Node for NodeService {
         blocking(move || {
             // A read-only Block publish binds a read-only loop device of its own: detached
             // once unbound.
-            let ro_loop = mount::mounted_at(&target)
+            let node = mount::mounted_at(&target)
                 .map_err(node_err)?
-                .filter(|m| matches!(m.fstype.as_str(), "devtmpfs" | "tmpfs"))
-                .and_then(|m| {
-                    let name = m.root.file_name()?.to_string_lossy().into_owned();
-                    name.starts_with("loop")
-                        .then(|| Path::new("/dev").join(name))
-                });
+                .and_then(|m| m.bound_node());
             mount::unmount_all(&target).map_err(node_err)?;
-            if let Some(l) = ro_loop {
-                attach::release_read_only_loop(&l).map_err(node_err)?;
+            if let Some(node) = node {
+                attach::release_read_only_loop(&node).map_err(node_err)?;
             }
             remove_target(&target)?;
             tracing::info!(volume = vol, target = %target.display(), "unpublished");
